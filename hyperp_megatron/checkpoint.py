@@ -1,0 +1,191 @@
+"""Checkpoints through Megatron ``dist_checkpointing``, written atomically.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_000100/            a complete checkpoint (dist_checkpointing files + our files)
+        manifest.json       every file's size and sha256, written last, verified on load
+        train_state.json    step, consumed samples, config, derived values
+        rng_rank00000.pt    per-rank RNG states (restored only in the same layout)
+    step_000100.tmp-<n>/    being written; never loaded, removed when found stale
+    latest                  the name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint becomes visible only when complete: all ranks write into a temporary directory, rank 0
+writes the manifest, renames the directory, then replaces ``latest``. A kill at any moment leaves
+either the previous ``latest`` or the new complete one. On load the manifest is checked; a corrupt
+or truncated checkpoint is reported and the previous complete one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+STATE = "train_state.json"
+LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue exactly where it stopped."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _write_manifest(ckpt_dir: Path) -> None:
+    files = {
+        str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    _write_json_atomic(ckpt_dir / MANIFEST, {"files": files})
+
+
+def verify(ckpt_dir: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong."""
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (incomplete checkpoint)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for rel, meta in files.items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"missing file {rel}"
+        if path.stat().st_size != meta["size"]:
+            return f"truncated file {rel} ({path.stat().st_size} of {meta['size']} bytes)"
+        if _sha256(path) != meta["sha256"]:
+            return f"checksum mismatch in {rel}"
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoints (with a manifest), newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and "." not in p.name and (p / MANIFEST).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def find_resumable(root: Path, log=print) -> Path | None:
+    """The newest intact checkpoint under ``root`` (``latest`` first), reporting any that are damaged."""
+    candidates = complete_checkpoints(root)
+    latest = root / LATEST
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for candidate in candidates:
+        problem = verify(candidate) if candidate.is_dir() else "directory missing"
+        if problem is None:
+            return candidate
+        log(f"[hyperp] checkpoint {candidate} is unusable ({problem}); trying the previous one")
+    return None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) -> dict:
+    model_sd = {}
+    for i, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        model_sd[key] = chunk.sharded_state_dict()
+    state = dict(model_sd)
+    if optimizer is not None:
+        flat = model_sd["model"] if len(model_chunks) == 1 else {k: v for sd in model_sd.values() for k, v in sd.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading)
+    return state
+
+
+def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2) -> Path:
+    """Save a complete checkpoint for ``state.step`` (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = root / f"step_{state.step:06d}"
+    tmp = root / f"step_{state.step:06d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        _write_json_atomic(tmp / STATE, {"train_state": vars(state), "world_size": dist.get_world_size(), **extra})
+        _write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_json_atomic_text(root / LATEST, final.name)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _write_json_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in complete_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = True) -> tuple[TrainState, dict]:
+    """Load a checkpoint into the (possibly differently laid out) model and optimizer."""
+    from megatron.core import dist_checkpointing
+
+    meta = json.loads((ckpt_dir / STATE).read_text())
+    sharded = sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    for i, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+    if load_optimizer and optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = ckpt_dir / f"rng_rank{dist.get_rank():05d}.pt"
+    if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(**meta["train_state"]), meta

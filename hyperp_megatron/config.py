@@ -1,0 +1,501 @@
+"""The typed config tree: small dataclasses with a docstring per field, loaded from YAML plus
+dotted CLI overrides (``--train.steps 100``), validated before any heavy work starts.
+
+Each section validates itself in ``__post_init__``; cross-section checks (layout vs world size, heads
+vs TP, ...) live in :func:`validate`, which the entry point calls once the world size is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (HYPERP.md section 4). ``num_experts_total = 0`` means a dense model."""
+
+    sparsity: int = 0
+    """s: total experts = s * k (0 = dense MLP)."""
+    granularity: int = 1
+    """k: expert FFN width is ffn_hidden_size / k and k experts are active per token."""
+    shared_expert: bool = False
+    """One of the s*k experts is a shared (always active) expert: E = s*k - 1 routed, k - 1 selected."""
+    gate: str = "sqrt"
+    """Gate transform: 'sqrt' (SqrtGate) or 'plain' (ablation)."""
+    aux_loss_coeff: float = 0.1
+    """gamma of the switch-style load-balancing loss over the global batch."""
+    token_dispatcher: str = "alltoall"
+    """Megatron token dispatcher: 'alltoall' or 'allgather'."""
+
+    def __post_init__(self):
+        _check_choice("model.moe.gate", self.gate, ("sqrt", "plain"))
+        _check_choice("model.moe.token_dispatcher", self.token_dispatcher, ("alltoall", "allgather"))
+        if self.sparsity < 0 or self.granularity < 1:
+            raise ValueError("model.moe.sparsity must be >= 0 and model.moe.granularity >= 1")
+        if self.enabled and self.shared_expert and self.granularity < 2:
+            raise ValueError("model.moe.shared_expert needs granularity >= 2 (k - 1 routed experts are selected)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sparsity > 0
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.sparsity * self.granularity - int(self.shared_expert)
+
+    @property
+    def router_topk(self) -> int:
+        return self.granularity - int(self.shared_expert)
+
+
+@dataclass
+class ModelConfig:
+    """The GPT architecture (HYPERP.md section 2): RMSNorm pre-norm, RoPE, SwiGLU, GQA, untied embeddings."""
+
+    num_layers: int = 4
+    """Depth d (transformer layers)."""
+    hidden_size: int = 256
+    """Width C."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int = 2
+    """Key/value heads (GQA groups)."""
+    head_dim: int | None = None
+    """Head dimension (kv_channels); default hidden_size / num_attention_heads."""
+    ffn_hidden_size: int | None = None
+    """Dense FFN width; default 4 * hidden_size."""
+    seq_length: int = 256
+    """Training sequence length."""
+    vocab_size: int | None = None
+    """Vocabulary size; default: the tokenizer's (padded to a multiple of 128 * TP)."""
+    rotary_base: int = 10000
+    """RoPE base."""
+    parameterization: str = "hyperp"
+    """'hyperp' (sphere init, 1/sqrt(2d) branch multiplier, QK-norm) or 'standard' (Megatron defaults)."""
+    qk_norm: bool = True
+    """RMSNorm over the head dim on queries and keys, before RoPE."""
+    gated_attention: bool = False
+    """Per-head sigmoid output gate (HyperP optional)."""
+    init_method_std: float = 0.02
+    """Init std for 'standard' parameterization (and the output layer under HyperP)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts settings."""
+
+    def __post_init__(self):
+        _check_choice("model.parameterization", self.parameterization, ("hyperp", "standard"))
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_query_groups ({self.num_query_groups})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_attention_heads "
+                f"({self.num_attention_heads}): set model.head_dim explicitly"
+            )
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size = world_size / (tensor * pipeline) (experts reuse DP ranks)."""
+
+    tensor: int = 1
+    """Tensor-parallel size (TP)."""
+    pipeline: int = 1
+    """Pipeline-parallel size (PP)."""
+    expert: int = 1
+    """Expert-parallel size (EP), carved out of the data-parallel ranks."""
+    expert_tensor: int | None = None
+    """Expert tensor-parallel size; default = tensor."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (AdamW: Megatron's; sphere Muon: layer-wise)."""
+    backend: str = "auto"
+    """'auto' (nccl with CUDA, gloo otherwise), 'gloo' or 'nccl'."""
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+    def __post_init__(self):
+        _check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        for name in ("tensor", "pipeline", "expert"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tensor > 1")
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor or self.tensor
+
+
+@dataclass
+class DataConfig:
+    """Training data: the embedded corpus (default) or Megatron .bin/.idx prefixes."""
+
+    prefixes: list[str] = field(default_factory=list)
+    """Dataset prefixes (path without .bin/.idx); empty = the embedded Shakespeare corpus."""
+    weights: list[float] = field(default_factory=list)
+    """Blend weights, one per prefix (default: equal)."""
+    tokenizer: str | None = None
+    """Hugging Face tokenizer directory (required with prefixes; the embedded corpus brings its own)."""
+    split: str = "969,30,1"
+    """train,valid,test split of each dataset, Megatron style."""
+    cache_dir: str = "data"
+    """Where the embedded corpus, the tokenizer and the dataset index caches live."""
+    embedded_vocab_size: int = 8192
+    """Vocabulary of the byte-level BPE trained on the embedded corpus."""
+
+    def __post_init__(self):
+        if self.weights and len(self.weights) != len(self.prefixes):
+            raise ValueError(
+                f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}"
+            )
+        if self.prefixes and not self.tokenizer:
+            raise ValueError("data.prefixes is set but data.tokenizer is missing: give the tokenizer directory")
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ValueError(f"data.split must be three comma-separated numbers like '969,30,1', got {self.split!r}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "adamw"
+    """'sphere_muon' (HyperP), 'muon' (baseline) or 'adamw' (baseline)."""
+    lr: float = 3e-3
+    """Peak learning rate (under HyperP: derived from the hyperp section unless hyperp.enabled is false)."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak (linear decay)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    momentum: float = 0.95
+    """Muon momentum (Nesterov)."""
+    ns_mode: str = "gather"
+    """Tensor-parallel Newton-Schulz: 'gather' or 'distributed' (Gram all-reduce)."""
+
+    def __post_init__(self):
+        _check_choice("optim.name", self.name, ("sphere_muon", "muon", "adamw"))
+        _check_choice("optim.ns_mode", self.ns_mode, ("gather", "distributed"))
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.clip_grad and optim.weight_decay must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all data-parallel ranks (sets gradient accumulation)."""
+    seed: int = 1234
+    """Seed of initialization, data order and dropout."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (mixed precision with fp32 master weights)."""
+    eval_interval: int = 50
+    """Validate every N steps (and at the end); 0 disables periodic validation."""
+    eval_iters: int = 4
+    """Validation micro-batches per evaluation."""
+    log_interval: int = 10
+    """Print a progress line every N steps."""
+    threads: int = 0
+    """torch intra-op threads per process on CPU (0 = cores / local processes)."""
+
+    def __post_init__(self):
+        _check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron dist_checkpointing saves; automatic resume from the latest complete one."""
+
+    interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    save_final: bool = True
+    """Save when training ends."""
+    resume: bool = True
+    """Resume from the run directory's latest complete checkpoint if there is one."""
+    load: str | None = None
+    """Load this checkpoint directory (or run directory) instead of the run's own latest."""
+    keep: int = 2
+    """Complete checkpoints to keep (older ones are deleted; 0 keeps all)."""
+
+
+@dataclass
+class HyperPConfig:
+    """HyperP transfer base values (HYPERP.md section 3)."""
+
+    enabled: bool = False
+    """Derive the LR (and token budget) from these base values instead of optim.lr."""
+    base_depth: int = 8
+    """d0: depth at which eta0 was tuned."""
+    base_lr: float = 1.5e-2
+    """eta0: base learning rate at d0, B0, T0."""
+    base_batch_tokens: float = 2**21
+    """B0: base batch in tokens."""
+    base_tokens: float = 10.4e9
+    """T0: training tokens at d0."""
+    token_exponent: float = -0.32
+    """Exponent of the data-scaling law (T/T0)^exponent."""
+    depth_rule: bool = True
+    """Apply the Depth-muP factor sqrt(d0/d)."""
+    token_rule: bool = True
+    """Apply the token factor (T/T0)^exponent."""
+    batch_rule: bool = True
+    """Apply the square-root batch rule sqrt(B/B0)."""
+    default_tokens: bool = False
+    """Train for T = T0 N(d)/N(d0) tokens (train.steps becomes ceil(T/B))."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and run directory."""
+
+    run_dir: str = "runs/default"
+    """Run directory: config, metrics.jsonl, TensorBoard events, checkpoints."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress: bool = True
+    """Print the progress line on rank 0."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hyperp: HyperPConfig = field(default_factory=HyperPConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _unknown_key_error(key: str, section: str, valid: list[str]) -> ValueError:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    where = f"{section}." if section else ""
+    suggestion = f" (did you mean '{where}{hint[0]}'?)" if hint else f" (valid keys: {', '.join(valid)})"
+    return ValueError(f"unknown config key '{where}{key}'{suggestion}")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML or CLI value to the field's declared type, with a clear error."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        return _coerce(value, annotation, name)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value]
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} expects {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls, data: dict, section: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section '{section or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(key, section, names)
+        dotted = f"{section}.{key}" if section else key
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--train.steps', '100', '--optim.lr=0.01']`` -> nested dict (values still strings)."""
+    nested: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected an override like --section.key VALUE, got {arg!r}")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg} has no value")
+            value, i = args[i + 1], i + 1
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value.strip().startswith("[") else value
+        i += 1
+    return nested
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted overrides; raises ValueError on bad input."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        data = _merge(data, extra)
+    return _build(Config, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-section validation
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that need several sections or the world size; raises ValueError naming what to change."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline "
+            f"= {p.tensor} * {p.pipeline}; change the layout or the number of processes"
+        )
+    dp = world_size // model_parallel
+    if dp % p.expert:
+        raise ValueError(
+            f"data-parallel size {dp} (world {world_size} / TP*PP {model_parallel}) is not divisible by "
+            f"parallel.expert = {p.expert}"
+        )
+    expert_dp_ranks = world_size // p.pipeline
+    if expert_dp_ranks % (p.expert * p.expert_tensor_size):
+        raise ValueError(
+            f"world size / PP = {expert_dp_ranks} is not divisible by parallel.expert * expert_tensor "
+            f"= {p.expert} * {p.expert_tensor_size}"
+        )
+    if m.num_attention_heads % p.tensor:
+        raise ValueError(
+            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by parallel.tensor ({p.tensor})"
+        )
+    if m.num_query_groups % p.tensor:
+        raise ValueError(
+            f"model.num_query_groups ({m.num_query_groups}) is not divisible by parallel.tensor ({p.tensor})"
+        )
+    if m.ffn_size % p.tensor:
+        raise ValueError(f"FFN width {m.ffn_size} is not divisible by parallel.tensor ({p.tensor})")
+    if m.num_layers % p.pipeline:
+        raise ValueError(f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline ({p.pipeline})")
+    if p.sequence_parallel and m.seq_length % p.tensor:
+        raise ValueError(f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor with sequence parallel")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}"
+        )
+    if m.moe.enabled:
+        experts = m.moe.num_routed_experts
+        if experts % p.expert:
+            raise ValueError(f"{experts} routed experts are not divisible by parallel.expert ({p.expert})")
+        if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
+            raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
+    elif p.expert > 1:
+        raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
+    for prefix in cfg.data.prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise ValueError(f"data file not found: {prefix + ext} (check data.prefixes)")
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_dir():
+        raise ValueError(f"tokenizer directory not found: {cfg.data.tokenizer} (check data.tokenizer)")
+    if cfg.checkpoint.load and not Path(cfg.checkpoint.load).exists():
+        raise ValueError(f"checkpoint not found: {cfg.checkpoint.load} (check checkpoint.load)")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)

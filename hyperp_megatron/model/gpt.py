@@ -1,0 +1,97 @@
+"""Build Megatron's ``GPTModel`` from the config, for this rank's pipeline stage."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from hyperp_megatron.config import Config
+from hyperp_megatron.model.init import initialize_parameters
+from hyperp_megatron.model.spec import build_layer_spec, softmax_scale, use_transformer_engine
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
+    step = multiple * tensor_parallel
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def transformer_config(cfg: Config, pg_collection) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_size,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor_size,
+        sequence_parallel=p.sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        qk_layernorm=m.qk_norm,
+        init_method_std=m.init_method_std,
+        params_dtype=torch.float32,
+        bf16=cfg.train.precision == "bf16",
+        pipeline_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
+        use_cpu_initialization=not on_gpu,
+        # Fusions need CUDA kernels (apex / TE / triton); off on CPU.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        deterministic_mode=not on_gpu,
+    )
+    if m.parameterization == "hyperp":
+        kwargs["softmax_scale"] = softmax_scale(m.kv_channels)
+    if m.moe.enabled:
+        kwargs.update(
+            num_moe_experts=m.moe.num_routed_experts,
+            moe_router_topk=m.moe.router_topk,
+            moe_ffn_hidden_size=m.ffn_size // m.moe.granularity,
+            moe_shared_expert_intermediate_size=(m.ffn_size // m.moe.granularity
+                                                 if m.moe.shared_expert else None),
+            moe_token_dispatcher_type=m.moe.token_dispatcher,
+            moe_aux_loss_coeff=m.moe.aux_loss_coeff,
+            moe_router_load_balancing_type="global_aux_loss",
+            moe_router_pre_softmax=False,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Module]:
+    """The model chunk(s) of this pipeline stage, initialized identically for every parallel layout."""
+    tf_config = transformer_config(cfg, pg_collection)
+    use_te = use_transformer_engine(False)
+    spec = build_layer_spec(cfg.model, use_te=use_te)
+    pp_rank = pg_collection.pp.rank()
+    pp_size = pg_collection.pp.size()
+    model = GPTModel(
+        config=tf_config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+        pg_collection=pg_collection,
+    )
+    initialize_parameters(model, cfg, pg_collection)
+    return [model]

@@ -1,0 +1,141 @@
+"""Distributed bootstrap: who am I (torchrun, SLURM or MPI), the process group, Megatron's parallel
+state, and the explicit collection of process groups that library code receives.
+
+Library code never reads ``os.environ``: the entry point passes the environment mapping in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import subprocess
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from hyperp_megatron.config import ParallelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, and how to reach rank 0."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm", "mpi" or "single"
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list (``n[1-4],m2`` -> ``n1``), via scontrol when available."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def _port_from_job(job_id: str) -> int:
+    """A port every task of one SLURM job derives identically (10000-19999)."""
+    return 10000 + int(hashlib.sha1(job_id.encode()).hexdigest(), 16) % 10000
+
+
+def _mpi_env(environ: Mapping[str, str]) -> LaunchEnv:
+    from mpi4py import MPI  # imported only under an MPI launcher
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    addr = comm.bcast(environ.get("MASTER_ADDR") or MPI.Get_processor_name() if rank == 0 else None, root=0)
+    port = comm.bcast(int(environ.get("MASTER_PORT", 0)) or _free_port() if rank == 0 else None, root=0)
+    return LaunchEnv(rank, size, local.Get_rank(), local.Get_size(), addr, port, "mpi")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def discover_launch_env(environ: Mapping[str, str]) -> LaunchEnv:
+    """Rank, world size and master address from torchrun, SLURM (srun tasks) or MPI variables."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:  # torchrun (also torchrun under SLURM)
+        return LaunchEnv(
+            rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 29500)), launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "localhost")
+        return LaunchEnv(
+            rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            master_addr=environ.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+            master_port=int(environ.get("MASTER_PORT") or _port_from_job(environ.get("SLURM_JOB_ID", "0"))),
+            launcher="slurm",
+        )
+    mpi_markers = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+    if any(key in environ for key in mpi_markers):
+        return _mpi_env(environ)
+    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def init_process_group(env: LaunchEnv, cfg: ParallelConfig) -> str:
+    """Initialize torch.distributed (gloo on CPU, NCCL on GPU); returns the backend."""
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+        )
+    return backend
+
+
+def init_model_parallel(cfg: ParallelConfig, seed: int):
+    """Megatron parallel state for TP/PP/EP/DP; returns the ProcessGroupCollection library code receives."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor,
+            pipeline_model_parallel_size=cfg.pipeline,
+            expert_model_parallel_size=cfg.expert,
+            expert_tensor_parallel_size=cfg.expert_tensor_size,
+            distributed_timeout_minutes=cfg.timeout_minutes,
+            create_gloo_process_groups=not torch.cuda.is_available(),
+        )
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,250 @@
+"""The trainer: ``python -m hyperp_megatron.train --config configs/tiny.yaml [--section.key value ...]``.
+
+Launch it with torchrun, srun (one task per process) or mpiexec; see ``launch/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+# megatron-core warns at import time about every optional GPU package it does not find; the trainer
+# prints one line instead (see main()).
+warnings.filterwarnings("ignore", module=r"megatron\..*")
+warnings.filterwarnings("ignore", category=UserWarning, message=r".*(Apex|Transformer Engine|apex).*")
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hyperp_megatron import checkpoint as ckpt
+from hyperp_megatron import data as data_lib
+from hyperp_megatron.config import Config, data_parallel_size, load_config, validate
+from hyperp_megatron.metrics import MetricsLogger, run_info, write_run_files
+from hyperp_megatron.transfer import derive, lr_at
+
+
+@dataclass
+class Session:
+    """Everything the loop uses, built once by :func:`setup`."""
+
+    cfg: Config
+    pg_collection: object
+    model_chunks: list
+    optimizer: object
+    runner: object
+    tokenizer: object
+    datasets: data_lib.DatasetSplits
+    logger: MetricsLogger
+    peak_lr: float
+    derived: dict
+
+
+def _dp_coords(pg_collection) -> tuple[int, int]:
+    return pg_collection.dp.rank(), pg_collection.dp.size()
+
+
+def _prepare_data(cfg: Config, rank: int):
+    """Tokenizer and dataset prefixes: the embedded corpus (prepared by rank 0) or the configured ones."""
+    if cfg.data.prefixes:
+        return data_lib.load_tokenizer(cfg.data.tokenizer), cfg.data.prefixes
+    if rank == 0:
+        data_lib.prepare_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+    dist.barrier()
+    corpus = data_lib.load_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+    return data_lib.load_tokenizer(corpus.tokenizer_dir), [str(corpus.data_prefix)]
+
+
+def _derived_values(cfg: Config, world_size: int, vocab_size: int) -> tuple[float, dict]:
+    """Peak LR and every derived value (HyperP transfer rules when ``hyperp.enabled``); under the
+    default token budget this also sets ``train.steps``."""
+    derived = derive(cfg, world_size, vocab_size=vocab_size)
+    cfg.train.steps = derived.steps
+    return derived.lr, derived.to_dict()
+
+
+def setup(cfg: Config, world_size: int, rank: int) -> Session:
+    """Model, optimizer, data and logger for this rank (distributed state already initialized)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    from hyperp_megatron.model import build_model, transformer_config
+    from hyperp_megatron.optim.builder import build_optimizer
+    from hyperp_megatron.parallel import init_model_parallel
+    from hyperp_megatron.step import StepRunner
+
+    pg_collection = init_model_parallel(cfg.parallel, cfg.train.seed)
+    tokenizer, prefixes = _prepare_data(cfg, rank)
+    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    peak_lr, derived = _derived_values(cfg, world_size, vocab_size)
+    chunks = build_model(cfg, pg_collection, vocab_size)
+    tf_config = chunks[0].config
+    if cfg.train.precision == "bf16":
+        chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer and cfg.optim.name == "adamw",
+    )
+    chunks = [DistributedDataParallel(tf_config, ddp_config, chunk, pg_collection=pg_collection)
+              for chunk in chunks]
+    tf_config.no_sync_func = chunks[0].no_sync
+    tf_config.finalize_model_grads_func = finalize_model_grads
+    optimizer = build_optimizer(cfg, chunks, pg_collection)
+
+    dp_size = data_parallel_size(cfg, world_size)
+    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    runner = StepRunner(chunks, optimizer, pg_collection, cfg.model.seq_length, cfg.train.micro_batch_size,
+                        num_micro)
+    samples = data_lib.num_samples_per_split(cfg.train.steps, cfg.train.global_batch_size, 0, cfg.train.eval_iters)
+    datasets = data_lib.build_datasets(
+        prefixes, tokenizer, seq_length=cfg.model.seq_length, seed=cfg.train.seed, num_samples=samples,
+        cache_dir=Path(cfg.data.cache_dir) / "index_cache", split=cfg.data.split,
+        weights=cfg.data.weights or None,
+    )
+    run_dir = Path(cfg.logging.run_dir)
+    logger = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                           progress=cfg.logging.progress)
+    return Session(cfg, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, peak_lr, derived)
+
+
+def _train_iterator(s: Session, consumed_samples: int):
+    dp_rank, dp_size = _dp_coords(s.pg_collection)
+    return data_lib.build_data_iterator(s.datasets.train, consumed_samples=consumed_samples,
+                                        micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
+                                        dp_size=dp_size)
+
+
+def evaluate(s: Session) -> float:
+    """Validation loss on a fixed set: the first ``eval_iters`` global batches of the valid split."""
+    dp_rank, dp_size = _dp_coords(s.pg_collection)
+    iterator = data_lib.build_data_iterator(s.datasets.valid, consumed_samples=0,
+                                            micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
+                                            dp_size=dp_size)
+    return s.runner.evaluate(iterator, s.cfg.train.eval_iters * s.runner.num_microbatches)
+
+
+def _checkpoint_extra(s: Session) -> dict:
+    return {"config": s.cfg.to_dict(), "derived": s.derived, **run_info()}
+
+
+def maybe_resume(s: Session) -> ckpt.TrainState:
+    c = s.cfg.checkpoint
+    root = Path(c.load) if c.load else Path(s.cfg.logging.run_dir) / "checkpoints"
+    if c.load and (root / ckpt.MANIFEST).is_file():
+        found = root
+    elif c.resume or c.load:
+        found = ckpt.find_resumable(root, log=s.logger.message)
+    else:
+        found = None
+    if found is None:
+        return ckpt.TrainState()
+    state, _ = ckpt.load(found, s.model_chunks, s.optimizer)
+    s.logger.message(f"[hyperp] resumed from {found} at step {state.step}")
+    return state
+
+
+def train(cfg: Config, world_size: int, rank: int) -> dict:
+    """Train for ``cfg.train.steps`` optimizer steps; returns the final metrics (on every rank)."""
+    s = setup(cfg, world_size, rank)
+    t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
+    s.logger.message(f"[hyperp] derived values: {s.derived}")
+    state = maybe_resume(s)
+    data_iterator = _train_iterator(s, state.consumed_samples)
+    s.logger.start(state.step)
+    result: dict = {"first_val_loss": None, "val_loss": None, "loss": None}
+    if state.step == 0 and t.eval_interval > 0:
+        result["first_val_loss"] = evaluate(s)
+        s.logger.log(0, {"val_loss": result["first_val_loss"]})
+    while state.step < t.steps:
+        lr = lr_at(state.step, t.steps, s.peak_lr, cfg.optim.min_lr_ratio, cfg.optim.warmup_steps)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        metrics = s.runner.train_step(data_iterator)
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        step_time = time.perf_counter() - started
+        metrics.update(lr=lr, step_time=step_time,
+                       tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time)
+        result["loss"] = metrics["loss"]
+        is_last = state.step == t.steps
+        if (t.eval_interval and state.step % t.eval_interval == 0) or is_last:
+            metrics["val_loss"] = result["val_loss"] = evaluate(s)
+        s.logger.log(state.step, metrics)
+        if state.step % t.log_interval == 0 or is_last:
+            s.logger.print_progress(state.step, {k: v for k, v in metrics.items() if k != "update_successful"})
+        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or (
+                is_last and cfg.checkpoint.save_final):
+            ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep)
+    s.logger.close()
+    return {**result, "step": state.step}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _configure_threads(cfg: Config, local_world_size: int) -> None:
+    if not torch.cuda.is_available():
+        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
+        torch.set_num_threads(threads)
+
+
+def _parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    config_path, rest = None, []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a path")
+            config_path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            config_path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return config_path, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate everything first (one-line errors on rank 0 only), then train."""
+    from hyperp_megatron.parallel import destroy, discover_launch_env, init_process_group
+
+    env = discover_launch_env(os.environ)
+    try:
+        config_path, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(config_path, overrides)
+        validate(cfg, env.world_size)
+    except ValueError as exc:
+        if env.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    _configure_threads(cfg, env.local_world_size)
+    from hyperp_megatron.compat import apply_cpu_patches
+
+    if apply_cpu_patches() and env.rank == 0:
+        print("[hyperp] CUDA not available: running megatron-core on CPU with gloo "
+              "(Transformer Engine/apex absent, local layers)", flush=True)
+    init_process_group(env, cfg.parallel)
+    if env.rank == 0:
+        write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
+                        run_info({"world_size": env.world_size, "launcher": env.launcher}))
+    try:
+        result = train(cfg, env.world_size, env.rank)
+        if env.rank == 0:
+            print(f"[hyperp] done: step {result['step']} loss {result['loss']:.4f} "
+                  f"val_loss {result['val_loss']:.4f} (first val_loss {result['first_val_loss']})", flush=True)
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
