@@ -1,0 +1,137 @@
+"""The HyperP transfer ladder of a config over depths: shape, N, tokens, steps, LR, FLOPs, memory.
+
+Usage::
+
+    python -m hyperp_megatron.plan --config configs/hyperp/dense_d8.yaml --depths 8,12,16,20,24
+    python -m hyperp_megatron.plan --config configs/hyperp/dense_d24.yaml --tp 2 --dp 32 --format json
+    python -m hyperp_megatron.plan --config configs/cpu_ladder/d2.yaml --depths 2,4,6,8 --tokens config
+
+Every depth is the config's model family at that depth (``C/d``, ``heads/d``, ``ffn/C`` kept; see
+:meth:`~hyperp_megatron.transfer.ModelShape.at_depth`), trained for the default token budget
+``T0 N(d)/N(d0)`` (``--tokens default``) or the config's ``train.steps`` (``--tokens config``), on the
+config's parallel layout unless ``--tp/--pp/--dp/--ep`` say otherwise (``--dp`` defaults to 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import sys
+
+from hyperp_megatron.config import Config, load_config
+from hyperp_megatron.transfer import ModelShape, resolve_vocab_size, derive
+
+COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
+           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "tp", "pp", "dp", "ep")
+FORMATS = ("table", "json", "csv")
+
+
+def parse_depths(text: str) -> list[int]:
+    """``'8,12,16'`` -> ``[8, 12, 16]``; ValueError on anything but positive integers."""
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--depths must be comma-separated positive integers like 8,12,16, got {text!r}") from None
+    if not depths or any(d < 1 for d in depths):
+        raise ValueError(f"--depths must be comma-separated positive integers like 8,12,16, got {text!r}")
+    return depths
+
+
+def config_at_depth(cfg: Config, depth: int, *, tp: int, pp: int, ep: int) -> Config:
+    """``cfg`` with the model scaled to ``depth`` within its family and the layout replaced."""
+    shape = ModelShape.from_model_config(cfg.model, resolve_vocab_size(cfg, None)).at_depth(depth)
+    model = dataclasses.replace(
+        cfg.model, num_layers=depth, hidden_size=shape.width, num_attention_heads=shape.num_heads,
+        head_dim=shape.head_dim, ffn_hidden_size=shape.ffn if cfg.model.ffn_hidden_size else None,
+    )
+    parallel = dataclasses.replace(cfg.parallel, tensor=tp, pipeline=pp, expert=ep,
+                                   sequence_parallel=cfg.parallel.sequence_parallel and tp > 1)
+    return dataclasses.replace(cfg, model=model, parallel=parallel)
+
+
+def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = None, pp: int | None = None,
+              dp: int = 1, ep: int | None = None, tokens: str = "default") -> list[dict]:
+    """One row per depth (default: the config's own), every value from :func:`transfer.derive`."""
+    if tokens not in ("default", "config"):
+        raise ValueError(f"tokens must be 'default' (T0 N(d)/N(d0)) or 'config' (train.steps), got {tokens!r}")
+    tp, pp, ep = tp or cfg.parallel.tensor, pp or cfg.parallel.pipeline, ep or cfg.parallel.expert
+    for name, size in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep)):
+        if size < 1:
+            raise ValueError(f"--{name} must be >= 1, got {size}")
+    rows = []
+    for depth in depths or [cfg.model.num_layers]:
+        run = derive(config_at_depth(cfg, depth, tp=tp, pp=pp, ep=ep), tp * pp * dp,
+                     use_default_tokens=tokens == "default")
+        s = run.shape
+        rows.append(dict(
+            depth=s.depth, width=s.width, heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+            ffn=s.ffn, params=run.num_params, params_total=run.num_params_total, tokens=run.tokens,
+            steps=run.steps, batch_tokens=run.batch_tokens, lr=run.lr, min_lr=run.min_lr,
+            train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep,
+        ))
+    return rows
+
+
+def _human(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return f"{value:g}"
+
+
+def _table(rows: list[dict]) -> str:
+    formats = {"params": _human, "params_total": _human, "tokens": _human, "batch_tokens": _human,
+               "lr": "{:.3e}".format, "min_lr": "{:.3e}".format, "train_flops": "{:.3e}".format,
+               "mem_gib": "{:.1f}".format}
+    cells = [[formats.get(c, str)(row[c]) for c in COLUMNS] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], fmt: str = "table") -> str:
+    """Rows as an aligned table, a JSON list of objects, or CSV with a header."""
+    if fmt == "table":
+        return _table(rows)
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperp_megatron.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (configs/...)")
+    parser.add_argument("--depths", default=None, help="comma-separated depths (default: the config's)")
+    parser.add_argument("--format", default="table", help="table | json | csv")
+    parser.add_argument("--tokens", default="default", help="default (T0 N(d)/N(d0)) | config (train.steps)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: config)")
+    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: config)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
+    parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: config)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    cfg = load_config(args.config, overrides)
+    depths = parse_depths(args.depths) if args.depths is not None else None
+    rows = plan_rows(cfg, depths, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, tokens=args.tokens)
+    if args.format == "table":
+        h = cfg.hyperp
+        print(f"# {args.config}: optim {cfg.optim.name}, hyperp {'on' if h.enabled else 'off'} "
+              f"(eta0 {h.base_lr:g}, d0 {h.base_depth}, B0 {h.base_batch_tokens:g}, T0 {h.base_tokens:g}); "
+              f"memory GiB/GPU, precision {cfg.train.precision}")
+    print(render(rows, args.format))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
