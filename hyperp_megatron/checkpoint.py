@@ -120,11 +120,21 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (checkpoints hold the bare model's keys)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
+
+
 def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) -> dict:
     model_sd = {}
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        model_sd[key] = chunk.sharded_state_dict()
+        model_sd[key] = unwrap(chunk).sharded_state_dict()
     state = dict(model_sd)
     if optimizer is not None:
         flat = model_sd["model"] if len(model_chunks) == 1 else {k: v for sd in model_sd.values() for k, v in sd.items()}
@@ -182,7 +192,7 @@ def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = T
     sharded = sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+        unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = ckpt_dir / f"rng_rank{dist.get_rank():05d}.pt"

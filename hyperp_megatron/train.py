@@ -131,6 +131,14 @@ def _checkpoint_extra(s: Session) -> dict:
     return {"config": s.cfg.to_dict(), "derived": s.derived, **run_info()}
 
 
+def _summary(derived: dict) -> str:
+    """One start-up line of the derived values (all of them are in run_info.json and checkpoints)."""
+    return (f"[hyperp] rules {derived['rules']} | N {derived['num_params'] / 1e6:.2f}M | "
+            f"tokens {derived['tokens']:.3g} in {derived['steps']} steps of {derived['batch_tokens']} | "
+            f"lr {derived['lr']:.4g} (depth x{derived['depth_factor']:.3g}, token x{derived['token_factor']:.3g}, "
+            f"batch x{derived['batch_factor']:.3g}) | train FLOPs {derived['train_flops']:.3g}")
+
+
 def maybe_resume(s: Session) -> ckpt.TrainState:
     c = s.cfg.checkpoint
     root = Path(c.load) if c.load else Path(s.cfg.logging.run_dir) / "checkpoints"
@@ -151,11 +159,11 @@ def train(cfg: Config, world_size: int, rank: int) -> dict:
     """Train for ``cfg.train.steps`` optimizer steps; returns the final metrics (on every rank)."""
     s = setup(cfg, world_size, rank)
     t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
-    s.logger.message(f"[hyperp] derived values: {s.derived}")
+    s.logger.message(_summary(s.derived))
     state = maybe_resume(s)
     data_iterator = _train_iterator(s, state.consumed_samples)
     s.logger.start(state.step)
-    result: dict = {"first_val_loss": None, "val_loss": None, "loss": None}
+    result: dict = {"first_val_loss": None, "val_loss": None, "loss": None, "losses": []}
     if state.step == 0 and t.eval_interval > 0:
         result["first_val_loss"] = evaluate(s)
         s.logger.log(0, {"val_loss": result["first_val_loss"]})
@@ -171,6 +179,7 @@ def train(cfg: Config, world_size: int, rank: int) -> dict:
         metrics.update(lr=lr, step_time=step_time,
                        tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time)
         result["loss"] = metrics["loss"]
+        result["losses"].append(metrics["loss"])
         is_last = state.step == t.steps
         if (t.eval_interval and state.step % t.eval_interval == 0) or is_last:
             metrics["val_loss"] = result["val_loss"] = evaluate(s)
