@@ -5,6 +5,7 @@ Launch it with torchrun, srun (one task per process) or mpiexec; see ``launch/``
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
-from hyperp_megatron import data as data_lib
 from hyperp_megatron.config import Config, data_parallel_size, load_config, validate
 from hyperp_megatron.metrics import MetricsLogger, run_info, write_run_files
+from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
 from hyperp_megatron.transfer import derive, lr_at
 
 
@@ -37,7 +38,7 @@ class Session:
     optimizer: object
     runner: object
     tokenizer: object
-    datasets: data_lib.DatasetSplits
+    datasets: object  # data.DatasetSplits
     logger: MetricsLogger
     peak_lr: float
     derived: dict
@@ -49,6 +50,8 @@ def _dp_coords(pg_collection) -> tuple[int, int]:
 
 def _prepare_data(cfg: Config, rank: int):
     """Tokenizer and dataset prefixes: the embedded corpus (prepared by rank 0) or the configured ones."""
+    from hyperp_megatron import data as data_lib
+
     if cfg.data.prefixes:
         return data_lib.load_tokenizer(cfg.data.tokenizer), cfg.data.prefixes
     if rank == 0:
@@ -72,7 +75,8 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    from hyperp_megatron.model import build_model, transformer_config
+    from hyperp_megatron import data as data_lib
+    from hyperp_megatron.model import build_model
     from hyperp_megatron.optim.builder import build_optimizer
     from hyperp_megatron.parallel import init_model_parallel
     from hyperp_megatron.step import StepRunner
@@ -112,6 +116,8 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
 
 
 def _train_iterator(s: Session, consumed_samples: int):
+    from hyperp_megatron import data as data_lib
+
     dp_rank, dp_size = _dp_coords(s.pg_collection)
     return data_lib.build_data_iterator(s.datasets.train, consumed_samples=consumed_samples,
                                         micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
@@ -120,6 +126,8 @@ def _train_iterator(s: Session, consumed_samples: int):
 
 def evaluate(s: Session) -> float:
     """Validation loss on a fixed set: the first ``eval_iters`` global batches of the valid split."""
+    from hyperp_megatron import data as data_lib
+
     dp_rank, dp_size = _dp_coords(s.pg_collection)
     iterator = data_lib.build_data_iterator(s.datasets.valid, consumed_samples=0,
                                             micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
@@ -155,15 +163,19 @@ def maybe_resume(s: Session) -> ckpt.TrainState:
     return state
 
 
-def train(cfg: Config, world_size: int, rank: int) -> dict:
-    """Train for ``cfg.train.steps`` optimizer steps; returns the final metrics (on every rank)."""
+def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None) -> dict:
+    """Train for ``cfg.train.steps`` optimizer steps; returns the final metrics (on every rank).
+
+    With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
+    (``result["preempted"]``).
+    """
     s = setup(cfg, world_size, rank)
     t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
     state = maybe_resume(s)
     data_iterator = _train_iterator(s, state.consumed_samples)
     s.logger.start(state.step)
-    result: dict = {"first_val_loss": None, "val_loss": None, "loss": None, "losses": []}
+    result: dict = {"first_val_loss": None, "val_loss": None, "loss": None, "losses": [], "preempted": False}
     if state.step == 0 and t.eval_interval > 0:
         result["first_val_loss"] = evaluate(s)
         s.logger.log(0, {"val_loss": result["first_val_loss"]})
@@ -186,9 +198,20 @@ def train(cfg: Config, world_size: int, rank: int) -> dict:
         s.logger.log(state.step, metrics)
         if state.step % t.log_interval == 0 or is_last:
             s.logger.print_progress(state.step, {k: v for k, v in metrics.items() if k != "update_successful"})
-        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or (
+        preempted = preemption is not None and preemption.agreed()
+        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or preempted or (
                 is_last and cfg.checkpoint.save_final):
             ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep)
+        if preempted and not is_last:
+            s.logger.message(f"[hyperp] preemption signal: stopped after step {state.step}, checkpoint saved")
+            result["preempted"] = True
+            break
+    if result["preempted"]:
+        s.logger.close()
+        return {**result, "step": state.step}
+    result["weights_digest"] = weights_digest(s.model_chunks)
+    if rank == 0:
+        (Path(cfg.logging.run_dir) / "final.json").write_text(json.dumps({**result, "step": state.step}))
     s.logger.close()
     return {**result, "step": state.step}
 
@@ -245,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
                         run_info({"world_size": env.world_size, "launcher": env.launcher}))
+    preemption = PreemptionFlag().install()
     try:
-        result = train(cfg, env.world_size, env.rank)
+        result = train(cfg, env.world_size, env.rank, preemption)
+        if result["preempted"]:
+            return EXIT_REQUEUE
         if env.rank == 0:
             print(f"[hyperp] done: step {result['step']} loss {result['loss']:.4f} "
                   f"val_loss {result['val_loss']:.4f} (first val_loss {result['first_val_loss']})", flush=True)
