@@ -1,0 +1,530 @@
+"""SphereMuon: the HyperP optimizer ("MuonH") on tensor-, expert- and data-parallel shards.
+
+Update rules (HyperP, arXiv 2603.28743, section 1; Muon: K. Jordan et al., 2024, "Muon: An optimizer
+for hidden layers in neural networks"), eta = group["lr"], one per step for every group:
+
+``sphere_muon``  (hidden matrices; each fused-QKV piece and each expert is its own matrix)
+    M <- mu M + G;   U = mu M + G                      (heavy ball, Nesterov, mu = 0.95)
+    O = NS5(U)                                         (TP-invariant quintic Newton-Schulz)
+    W <- W (1 - eta wd)                                (wd = 0 by default; cannot shrink R)
+    W <- W - eta (R / ||O||) O                         (a step of norm eta R: eta is an angle)
+    W <- W R / ||W||                                   (retraction; R = ||W_0||, stored once)
+``sphere_adam``  (output layer): the same sphere step with D = m_hat / (sqrt(v_hat) + eps) for O.
+``adamw``        (embeddings, norm gains, biases): AdamW, betas (0.9, 0.95), eps 1e-8, wd 0.
+``muon``         (baseline): W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O.
+
+Distributed form. Each parameter comes with a ``ParamLayout`` saying which group shards it:
+- Newton-Schulz is done on the whole matrix ("gather") or with all-reduced Gram matrices
+  ("distributed"), see ``newton_schulz.orthogonalize``; same-shape matrices that share a
+  ``batch_key`` (e.g. the experts of one layer) are orthogonalized in one batched call.
+- The sphere needs ``||W||^2``, ``<W, D>`` and ``||D||^2`` per matrix (per Q/K/V piece, per expert).
+  ``||W - s D||^2`` is expanded from these three, so the retraction needs no second reduction: all
+  scalars of one step that belong to one process group travel in ONE flat buffer, ONE all-reduce.
+- No host synchronization: every branch depends on Python-side structure only.
+- Layer-wise data parallel (optional): whole matrices are assigned to DP ranks by Newton-Schulz
+  cost; a rank updates (and keeps state for) only its own, then the parameters are all-gathered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from hyperp_megatron.optim.newton_schulz import NS_MODES, orthogonalize, supports_distributed_mode
+from hyperp_megatron.optim.reference import RULES
+
+logger = logging.getLogger(__name__)
+
+MATRIX_RULES = ("sphere_muon", "muon")  # orthogonalized by Newton-Schulz
+SPHERE_RULES = ("sphere_muon", "sphere_adam")  # stepped and retracted on a sphere
+NS_COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class QKVSplit:
+    """Megatron's fused ``linear_qkv`` weight on one TP rank: rows interleaved by query group.
+
+    For each of the ``num_local_query_groups`` groups of this rank: ``q_rows_per_group`` rows of
+    its query heads (heads per group x head_dim), then ``head_dim`` rows of K, ``head_dim`` rows of V.
+    Query groups are contiguous by TP rank, so the rank-ordered Q (K, V) pieces form the full Q (K, V).
+    """
+
+    num_local_query_groups: int
+    q_rows_per_group: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_local_query_groups", "q_rows_per_group", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"QKVSplit.{name} must be a positive int, got {getattr(self, name)!r}")
+
+    @property
+    def piece_rows(self) -> tuple[int, int, int]:
+        """Rows of Q, K, V within one query group."""
+        return (self.q_rows_per_group, self.head_dim, self.head_dim)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How one parameter is updated and laid out over process groups.
+
+    rule: "sphere_muon" | "sphere_adam" | "adamw" | "muon".
+    group: the process group whose ranks hold the shards of this parameter (TP, or expert-TP for
+        experts); None when this rank holds the whole parameter.
+    partition_dim: the sharded dim with ``group``: 0 = rows (column-parallel), 1 = cols (row-parallel).
+    qkv_split: fused-QKV rows of this rank; Q, K and V become three matrices (matrix rules only).
+    batch_key: matrices with the same key and local shape share one batched Newton-Schulz
+        (e.g. "layer3.experts.fc1"); None = not batched with other parameters.
+    is_expert: use the expert data-parallel group in layer-wise mode.
+    """
+
+    rule: str
+    group: dist.ProcessGroup | None = None
+    partition_dim: int | None = None
+    qkv_split: QKVSplit | None = None
+    batch_key: Hashable | None = None
+    is_expert: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
+        if self.partition_dim not in (None, 0, 1):
+            raise ValueError(f"partition_dim must be None, 0 (rows) or 1 (cols), got {self.partition_dim!r}")
+        if self.group is not None and self.partition_dim is None:
+            raise ValueError("a ParamLayout with a group needs partition_dim (the dim the group shards)")
+        if self.rule not in MATRIX_RULES and (self.qkv_split is not None or self.batch_key is not None):
+            raise ValueError(f"qkv_split and batch_key apply to {MATRIX_RULES} only, not {self.rule!r}")
+
+
+@dataclass(eq=False)
+class _PlannedParam:
+    """One parameter with everything the step needs, derived once from its layout."""
+
+    param: torch.Tensor
+    layout: ParamLayout
+    group_index: int
+    shard_count: int  # ranks in layout.group (1 when unsharded)
+    num_row_groups: int  # query groups of a fused QKV, else 1
+    piece_rows: tuple[int, ...]  # rows of each piece within one row group
+    ns_mode: str
+    owner_rank: int | None = None  # layer-wise: the DP rank that updates it; None = every rank
+    updated_here: bool = True  # False on the other DP ranks in layer-wise mode
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The group to reduce over; None when this rank holds the whole matrix."""
+        return self.layout.group if self.shard_count > 1 else None
+
+    def as_row_groups(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(m_local, n) -> (num_row_groups, rows_per_group, n), a view."""
+        return tensor.view(self.num_row_groups, -1, tensor.size(-1))
+
+    def split_pieces(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """(m_local, n) -> one (piece_rows_local, n) tensor per matrix (Q, K, V or the whole)."""
+        if len(self.piece_rows) == 1:
+            return [tensor]
+        pieces = self.as_row_groups(tensor).split(self.piece_rows, dim=1)  # (groups, rows, n) each
+        return [piece.reshape(-1, tensor.size(-1)) for piece in pieces]
+
+    def merge_pieces(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        if len(pieces) == 1:
+            return pieces[0].view_as(self.param)
+        grouped = [piece.view(self.num_row_groups, -1, piece.size(-1)) for piece in pieces]
+        return torch.cat(grouped, dim=1).view_as(self.param)
+
+    def full_piece_shapes(self) -> list[tuple[int, int]]:
+        """Shapes of the whole (unsharded) matrices."""
+        shapes = []
+        for rows in self.piece_rows:
+            shape = [self.num_row_groups * rows, self.param.size(-1)]
+            if self.layout.partition_dim is not None:
+                shape[self.layout.partition_dim] *= self.shard_count
+            shapes.append((shape[0], shape[1]))
+        return shapes
+
+    def row_scale(self, per_piece: torch.Tensor) -> torch.Tensor:
+        """(num_pieces,) -> (1, rows_per_group, 1), broadcastable over ``as_row_groups``."""
+        rows = [value.expand(count) for value, count in zip(per_piece.unbind(), self.piece_rows)]
+        return torch.cat(rows).view(1, -1, 1)
+
+    def piece_sums(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Local sum of left * right over each piece: (num_pieces,)."""
+        row_sums = (self.as_row_groups(left) * self.as_row_groups(right)).sum(dim=(0, 2))
+        return torch.stack([chunk.sum() for chunk in row_sums.split(self.piece_rows)])
+
+
+def newton_schulz_cost(shape: tuple[int, int]) -> int:
+    """Relative Newton-Schulz flops of an (m, n) matrix: m n min(m, n)."""
+    return shape[0] * shape[1] * min(shape)
+
+
+def assign_to_ranks(costs: list[float], num_ranks: int) -> list[int]:
+    """Greedy longest-processing-time assignment: biggest cost first, to the least loaded rank."""
+    loads = [0.0] * num_ranks
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = min(range(num_ranks), key=lambda r: loads[r])
+        owners[index] = rank
+        loads[rank] += costs[index]
+    return owners
+
+
+class SphereMuon(torch.optim.Optimizer):
+    """HyperP sphere Muon over sharded parameters (see the module docstring for the math).
+
+    Args:
+        params: parameters or param groups (torch convention); groups may override lr, momentum,
+            betas, eps and weight_decay.
+        layouts: a ``ParamLayout`` for every parameter (keyed by the tensor itself).
+        lr: eta; the trainer sets ``group["lr"]`` from the schedule each step.
+        momentum: mu of the Nesterov heavy-ball momentum (matrix rules).
+        betas, eps: Adam moments (sphere_adam, adamw).
+        weight_decay: decoupled, ``W <- W (1 - eta wd)`` before the step; on a sphere it only
+            changes the step to second order in eta.
+        ns_mode: "gather" (default) or "distributed" (Gram all-reduce; matrices sharded along their
+            short side fall back to "gather", logged) or "blockwise" (NOT TP-invariant: controls only).
+        ns_compute_dtype: None (fp32 state dtype) or torch.bfloat16 for the Newton-Schulz iterations.
+        layer_wise_dp_group / layer_wise_expert_dp_group: the data-parallel group over which dense /
+            expert (``is_expert``) parameters are split layer-wise; None = updated on every rank.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        layouts: Mapping[torch.Tensor, ParamLayout],
+        *,
+        lr: float,
+        momentum: float = 0.95,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        ns_mode: str = "gather",
+        ns_compute_dtype: torch.dtype | None = None,
+        layer_wise_dp_group: dist.ProcessGroup | None = None,
+        layer_wise_expert_dp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if ns_mode not in NS_MODES:
+            raise ValueError(f"ns_mode must be one of {NS_MODES}, got {ns_mode!r}")
+        if ns_compute_dtype not in NS_COMPUTE_DTYPES:
+            raise ValueError(f"ns_compute_dtype must be one of {NS_COMPUTE_DTYPES}, got {ns_compute_dtype!r}")
+        self.ns_mode = ns_mode
+        self.ns_compute_dtype = ns_compute_dtype
+        self.layer_wise_dp_group = layer_wise_dp_group
+        self.layer_wise_expert_dp_group = layer_wise_expert_dp_group
+        self._layout_by_param_id = {id(param): layout for param, layout in layouts.items()}
+        self._plan: list[_PlannedParam] | None = None
+        defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self._get_plan()  # surfaces layout errors now; rebuilt lazily after add_param_group
+
+    # ------------------------------------------------------------------ construction and checks
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_hyperparameters(group, len(self.param_groups) - 1)
+        for index, param in enumerate(group["params"]):
+            where = f"param group {len(self.param_groups) - 1}, parameter {index} {tuple(param.shape)}"
+            layout = self._layout_by_param_id.get(id(param))
+            if layout is None:
+                raise ValueError(f"{where} has no ParamLayout: pass one in `layouts` for every parameter")
+            _validate_layout_for_param(layout, param, where)
+        self._plan = None
+
+    def _get_plan(self) -> list[_PlannedParam]:
+        if self._plan is None:
+            self._plan = self._build_plan()
+        return self._plan
+
+    def _build_plan(self) -> list[_PlannedParam]:
+        plan = []
+        for group_index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                layout = self._layout_by_param_id[id(param)]
+                shard_count = 1 if layout.group is None else dist.get_world_size(layout.group)
+                split = layout.qkv_split
+                planned = _PlannedParam(
+                    param=param,
+                    layout=layout,
+                    group_index=group_index,
+                    shard_count=shard_count,
+                    num_row_groups=split.num_local_query_groups if split else 1,
+                    piece_rows=split.piece_rows if split else (param.size(0),),
+                    ns_mode=self.ns_mode,
+                )
+                planned.ns_mode = self._ns_mode_for(planned)
+                plan.append(planned)
+        for dp_group, is_expert in self._layer_wise_groups():
+            _assign_layer_wise_owners([p for p in plan if p.layout.is_expert == is_expert], dp_group)
+        return plan
+
+    def _layer_wise_groups(self) -> list[tuple[dist.ProcessGroup, bool]]:
+        """(DP group, is_expert) of each parameter family split layer-wise over data parallel."""
+        groups = [(self.layer_wise_dp_group, False), (self.layer_wise_expert_dp_group, True)]
+        return [(group, is_expert) for group, is_expert in groups if group is not None]
+
+    def _ns_mode_for(self, planned: _PlannedParam) -> str:
+        is_sharded_matrix = planned.shard_count > 1 and planned.layout.rule in MATRIX_RULES
+        if self.ns_mode != "distributed" or not is_sharded_matrix:
+            return self.ns_mode
+        partition_dim = planned.layout.partition_dim
+        if all(supports_distributed_mode(shape, partition_dim) for shape in planned.full_piece_shapes()):
+            return "distributed"
+        logger.info(
+            "SphereMuon: matrices %s are sharded along their short side (dim %d): gather-mode "
+            "Newton-Schulz instead of distributed", planned.full_piece_shapes(), partition_dim,
+        )
+        return "gather"
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        owned = [p for p in self._get_plan() if p.updated_here and p.param.grad is not None]
+        directions: dict[_PlannedParam, torch.Tensor] = {}
+        for planned in owned:
+            hyper, state = self.param_groups[planned.group_index], self.state[planned.param]
+            grad = planned.param.grad.float()
+            if planned.layout.rule in MATRIX_RULES:
+                directions[planned] = _nesterov_momentum(grad, state, hyper["momentum"])
+            else:
+                directions[planned] = _adam_direction(grad, state, hyper["betas"], hyper["eps"])
+        matrices = [p for p in owned if p.layout.rule in MATRIX_RULES]
+        directions.update(self._orthogonalize_in_batches(matrices, directions))
+
+        for planned in owned:
+            if planned.layout.rule == "adamw":
+                _adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
+            elif planned.layout.rule == "muon":
+                _muon_step(planned, directions[planned], self.param_groups[planned.group_index])
+        self._sphere_steps([p for p in owned if p.layout.rule in SPHERE_RULES], directions)
+        self._all_gather_layer_wise_params()
+        return loss
+
+    def _orthogonalize_in_batches(
+        self, matrices: list[_PlannedParam], directions: dict[_PlannedParam, torch.Tensor]
+    ) -> dict[_PlannedParam, torch.Tensor]:
+        """NS5 of every matrix piece; pieces with the same batch id, shape and group go together."""
+        batches: dict[tuple, list[tuple[_PlannedParam, int, torch.Tensor]]] = {}
+        for planned in matrices:
+            layout = planned.layout
+            batch_id = ("key", layout.batch_key) if layout.batch_key is not None else ("param", id(planned))
+            sharding = (id(planned.shard_group), layout.partition_dim, planned.ns_mode)
+            for piece_index, piece in enumerate(planned.split_pieces(directions[planned])):
+                key = (batch_id, tuple(piece.shape), *sharding)
+                batches.setdefault(key, []).append((planned, piece_index, piece))
+        orthogonal_pieces: dict[_PlannedParam, dict[int, torch.Tensor]] = {p: {} for p in matrices}
+        # Insertion order = parameter order, identical on every rank: collectives line up.
+        for jobs in batches.values():
+            first = jobs[0][0]
+            stacked = torch.stack([piece for _, _, piece in jobs])  # (batch, m_local, n_local)
+            orthogonal = orthogonalize(
+                stacked,
+                group=first.shard_group,
+                partition_dim=first.layout.partition_dim,
+                mode=first.ns_mode,
+                compute_dtype=self.ns_compute_dtype,
+            )
+            for (planned, piece_index, _), matrix in zip(jobs, orthogonal.unbind()):
+                orthogonal_pieces[planned][piece_index] = matrix
+        return {
+            planned: planned.merge_pieces([pieces[i] for i in sorted(pieces)])
+            for planned, pieces in orthogonal_pieces.items()
+        }
+
+    def _sphere_steps(
+        self, spheres: list[_PlannedParam], directions: dict[_PlannedParam, torch.Tensor]
+    ) -> None:
+        """Step and retract every sphere matrix with one all-reduce of scalars per process group."""
+        by_group: dict[int, tuple[dist.ProcessGroup | None, list[_PlannedParam], list[torch.Tensor]]] = {}
+        for planned in spheres:
+            weight, direction = planned.param.float(), directions[planned]
+            stats = torch.stack(  # (3, num_pieces): local partial sums
+                [
+                    planned.piece_sums(weight, weight),
+                    planned.piece_sums(weight, direction),
+                    planned.piece_sums(direction, direction),
+                ]
+            )
+            group = planned.shard_group
+            _, members, stats_list = by_group.setdefault(id(group), (group, [], []))
+            members.append(planned)
+            stats_list.append(stats)
+        # Groups in order of first appearance in the parameter order: the same on every rank.
+        for group, members, stats_list in by_group.values():
+            for planned, stats in zip(members, _sum_over_shards(stats_list, group)):
+                hyper = self.param_groups[planned.group_index]
+                _retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param], hyper)
+
+    def _all_gather_layer_wise_params(self) -> None:
+        for dp_group, is_expert in self._layer_wise_groups():
+            family = [p for p in self._get_plan() if p.layout.is_expert == is_expert]
+            _all_gather_owned_params(family, dp_group)
+
+    # ------------------------------------------------------------------ state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts floating state to the parameter dtype; keep it fp32 (and a private copy)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+
+def _validate_hyperparameters(group: dict, group_index: int) -> None:
+    where = f"param group {group_index}"
+    lr, momentum, eps, weight_decay = group["lr"], group["momentum"], group["eps"], group["weight_decay"]
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{where}: lr must be a finite float >= 0, got {lr!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{where}: momentum must be in [0, 1) (HyperP uses 0.95), got {momentum!r}")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"{where}: betas must be two floats in [0, 1) (HyperP: (0.9, 0.95)), got {betas!r}")
+    if not eps > 0:
+        raise ValueError(f"{where}: eps must be > 0 (HyperP: 1e-8), got {eps!r}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"{where}: weight_decay must be >= 0 (HyperP: 0), got {weight_decay!r}")
+
+
+def _validate_layout_for_param(layout: ParamLayout, param: torch.Tensor, where: str) -> None:
+    if layout.rule != "adamw" and param.dim() != 2:
+        raise ValueError(f"{where}: rule {layout.rule!r} needs a 2-D matrix; use 'adamw' for this tensor")
+    split = layout.qkv_split
+    if split is not None:
+        rows = split.num_local_query_groups * sum(split.piece_rows)
+        if param.size(0) != rows:
+            raise ValueError(
+                f"{where}: qkv_split {split} describes {rows} local rows, the parameter has {param.size(0)}"
+            )
+    if layout.group is not None and not dist.is_initialized():
+        raise ValueError(f"{where}: its layout names a process group; initialize torch.distributed first")
+
+
+# ---------------------------------------------------------------------- pure update pieces
+
+
+def _assign_layer_wise_owners(planned_params: list[_PlannedParam], dp_group: dist.ProcessGroup) -> None:
+    """Whole matrices to DP ranks, balanced by update cost; the same result on every DP rank."""
+    costs = []
+    for planned in planned_params:
+        if planned.layout.rule in MATRIX_RULES:
+            costs.append(sum(newton_schulz_cost(shape) for shape in planned.full_piece_shapes()))
+        else:
+            costs.append(planned.param.numel())  # elementwise rules: cost ~ size
+    owners = assign_to_ranks(costs, dist.get_world_size(dp_group))
+    for planned, owner in zip(planned_params, owners):
+        planned.owner_rank = owner
+        planned.updated_here = owner == dist.get_rank(dp_group)
+
+
+def _all_gather_owned_params(planned_params: list[_PlannedParam], dp_group: dist.ProcessGroup) -> None:
+    """Every DP rank contributes the parameters it updated; afterwards all ranks hold all of them."""
+    num_ranks, rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    for dtype in sorted({p.param.dtype for p in planned_params}, key=str):
+        by_owner = [[p.param for p in planned_params if p.owner_rank == r and p.param.dtype == dtype]
+                    for r in range(num_ranks)]
+        sizes = [sum(param.numel() for param in params) for params in by_owner]
+        device = planned_params[0].param.device
+        local = torch.zeros(max(sizes), dtype=dtype, device=device)  # padded: gloo needs equal sizes
+        if by_owner[rank]:
+            torch.cat([param.reshape(-1) for param in by_owner[rank]], out=local[: sizes[rank]])
+        gathered = [torch.empty_like(local) for _ in range(num_ranks)]
+        # DP group: the owner of a matrix is one DP rank; every replica needs the new values.
+        dist.all_gather(gathered, local, group=dp_group)
+        for owner, params in enumerate(by_owner):
+            if owner == rank:
+                continue
+            flat_values = gathered[owner][: sizes[owner]].split([param.numel() for param in params])
+            for param, values in zip(params, flat_values):
+                param.copy_(values.view_as(param))
+
+
+def _sum_over_shards(stats_list: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Sum each (3, num_pieces) partial over the ranks that shard the matrices: one all-reduce."""
+    flat = torch.cat([stats.reshape(-1) for stats in stats_list])
+    if group is not None:
+        # group = the TP / expert-TP group sharding these matrices: the norms are sums over shards.
+        # DP replicas hold identical values (or, layer-wise, the whole matrix): no DP reduction.
+        dist.all_reduce(flat, group=group)
+    chunks = flat.split([stats.numel() for stats in stats_list])
+    return [chunk.view_as(stats) for chunk, stats in zip(chunks, stats_list)]
+
+
+def _nesterov_momentum(grad: torch.Tensor, state: dict, momentum: float) -> torch.Tensor:
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
+    buffer = state["momentum_buffer"]
+    buffer.mul_(momentum).add_(grad)
+    return grad + momentum * buffer
+
+
+def _adam_direction(grad: torch.Tensor, state: dict, betas: tuple[float, float], eps: float) -> torch.Tensor:
+    if "step" not in state:
+        state["step"] = 0  # a Python int: bias corrections need no host sync
+        state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+    beta1, beta2 = betas
+    state["step"] += 1
+    state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+    exp_avg_sq_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+    return exp_avg_hat / (exp_avg_sq_hat.sqrt() + eps)
+
+
+def _adamw_step(planned: _PlannedParam, direction: torch.Tensor, hyper: dict) -> None:
+    param, lr = planned.param, hyper["lr"]
+    param.copy_(param.float() * (1 - lr * hyper["weight_decay"]) - lr * direction)
+
+
+def _muon_step(planned: _PlannedParam, orthogonal: torch.Tensor, hyper: dict) -> None:
+    """W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O, fan sizes of each whole piece."""
+    param, lr = planned.param, hyper["lr"]
+    weight = planned.as_row_groups(param.float()) * (1 - lr * hyper["weight_decay"])  # a new tensor
+    orthogonal = planned.as_row_groups(orthogonal)
+    start = 0
+    for rows, (full_rows, full_cols) in zip(planned.piece_rows, planned.full_piece_shapes()):
+        piece = slice(start, start + rows)
+        weight[:, piece] -= lr * math.sqrt(full_rows / full_cols) * orthogonal[:, piece]
+        start += rows
+    param.copy_(weight.view_as(param))
+
+
+def _retracted_sphere_step(
+    planned: _PlannedParam, direction: torch.Tensor, stats: torch.Tensor, state: dict, hyper: dict
+) -> None:
+    """W <- R (c W - s D) / ||c W - s D|| per piece, c = 1 - eta wd, s = eta R / ||D||.
+
+    stats: (3, num_pieces) = ||W||^2, <W, D>, ||D||^2 summed over the whole matrices.
+    """
+    weight_sq, weight_dot_direction, direction_sq = stats.unbind()
+    if "radius" not in state:
+        state["radius"] = weight_sq.sqrt()  # (num_pieces,): R = ||W_0||, before any decay
+    radius, lr = state["radius"], hyper["lr"]
+    decay = 1 - lr * hyper["weight_decay"]
+    direction_norm = direction_sq.sqrt()
+    # An all-zero direction (zero gradient) gives no step rather than 0 * inf = NaN.
+    step_scale = torch.where(direction_norm > 0, lr * radius / direction_norm, torch.zeros_like(radius))
+    new_weight_sq = (
+        decay**2 * weight_sq - 2 * decay * step_scale * weight_dot_direction + step_scale**2 * direction_sq
+    )
+    retraction = radius / new_weight_sq.sqrt()
+    weight = planned.as_row_groups(planned.param.float()) * planned.row_scale(retraction * decay)
+    weight = weight - planned.as_row_groups(direction) * planned.row_scale(retraction * step_scale)
+    planned.param.copy_(weight.view_as(planned.param))
