@@ -513,9 +513,11 @@ def _lr_rules(cfg: Config, shape: ModelShape, tokens: float, batch_tokens: float
     """Which rules apply per optimizer (reference ``pretrain.py:setup``): the token law is MuonH's
     only; Depth-muP and the batch rule apply to all; Muon also scales weight decay and logits."""
     h, o = cfg.hyperp, cfg.optim
+    # The model applies the d0/d logit multiplier under model.parameterization 'muon' (model/gpt.py).
+    logits = muon_logit_multiplier(shape.depth, h.base_depth) if cfg.model.parameterization == "muon" else 1.0
     if not h.enabled:
         return dict(rules="off", lr=o.lr, depth_factor=1.0, token_factor=1.0, batch_factor=1.0,
-                    weight_decay=o.weight_decay, output_logit_multiplier=1.0)
+                    weight_decay=o.weight_decay, output_logit_multiplier=logits)
     token_rule = h.token_rule and o.name == "sphere_muon"
     factors = dict(
         depth_factor=depth_factor(shape.depth, h.base_depth) if h.depth_rule else 1.0,
@@ -526,9 +528,9 @@ def _lr_rules(cfg: Config, shape: ModelShape, tokens: float, batch_tokens: float
     if o.name == "muon":
         return dict(rules="muon_baseline", lr=lr, **factors,
                     weight_decay=muon_weight_decay(o.weight_decay, shape.depth, h.base_depth),
-                    output_logit_multiplier=muon_logit_multiplier(shape.depth, h.base_depth))
+                    output_logit_multiplier=logits)
     rules = "hyperp" if o.name == "sphere_muon" else "depth_mup"
-    return dict(rules=rules, lr=lr, **factors, weight_decay=o.weight_decay, output_logit_multiplier=1.0)
+    return dict(rules=rules, lr=lr, **factors, weight_decay=o.weight_decay, output_logit_multiplier=logits)
 
 
 def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,

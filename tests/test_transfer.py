@@ -113,7 +113,8 @@ def test_muon_baseline_rules():
     assert transfer.muon_logit_multiplier(24, 8) == pytest.approx(1 / 3)
     assert transfer.muon_baseline_lr(1e-2, depth=32, base_depth=8, batch_tokens=B0,
                                      base_batch_tokens=B0) == pytest.approx(5e-3)
-    cfg = load_config(REPO / "configs/hyperp/dense_d16.yaml", ["--optim.name", "muon", "--optim.weight_decay", "0.1"])
+    cfg = load_config(REPO / "configs/hyperp/dense_d16.yaml", ["--optim.name", "muon", "--optim.weight_decay", "0.1",
+                                                                    "--model.parameterization", "muon"])
     run = transfer.derive(cfg, 64)
     assert run.rules == "muon_baseline" and run.token_factor == 1.0  # no token factor
     assert run.lr == pytest.approx(1.5e-2 * math.sqrt(8 / 16))
