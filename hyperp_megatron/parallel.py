@@ -81,19 +81,23 @@ def discover_launch_env(environ: Mapping[str, str]) -> LaunchEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)), launcher="torchrun",
         )
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    # MPI before SLURM: mpiexec inside an allocation starts its proxies with srun, so SLURM_PROCID is
+    # the proxy's, not the rank's. Under srun --mpi=pmi2/pmix both agree.
+    mpi_markers = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+    if any(key in environ for key in mpi_markers):
+        return _mpi_env(environ)
+    # SLURM_STEP_ID: only a task started by srun is a rank (the batch script itself has SLURM_PROCID=0).
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "localhost")
+        tasks_per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
         return LaunchEnv(
             rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
-            local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            local_world_size=int(tasks_per_node.split(",")[0].split("(")[0]),
             master_addr=environ.get("MASTER_ADDR") or _first_slurm_host(nodelist),
             master_port=int(environ.get("MASTER_PORT") or _port_from_job(environ.get("SLURM_JOB_ID", "0"))),
             launcher="slurm",
         )
-    mpi_markers = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
-    if any(key in environ for key in mpi_markers):
-        return _mpi_env(environ)
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 

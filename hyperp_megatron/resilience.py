@@ -42,7 +42,8 @@ class PreemptionFlag:
 
     def agreed(self, group=None) -> bool:
         """True on every rank if any rank got a signal (one MAX all-reduce over ``group``)."""
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
+        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
