@@ -34,6 +34,10 @@ STATE = "train_state.json"
 LATEST = "latest"
 
 
+class NonFiniteStateError(RuntimeError):
+    """A checkpoint was refused because some weight is NaN or infinite."""
+
+
 @dataclass
 class TrainState:
     """What the loop needs to continue exactly where it stopped."""
@@ -142,10 +146,25 @@ def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) 
     return state
 
 
+def _check_finite_weights(model_chunks: list, step: int) -> None:
+    """Raise NonFiniteStateError on every rank if any rank holds a non-finite weight (collective)."""
+    params = [p.detach() for chunk in model_chunks for p in chunk.parameters()]
+    bad = torch.zeros(1, device=params[0].device if params else "cpu")
+    for param in params:
+        bad += (~torch.isfinite(param)).sum()
+    # World all-reduce: every rank refuses together, so no rank starts the (collective) save alone.
+    dist.all_reduce(bad)
+    if bad.item():
+        raise NonFiniteStateError(f"refusing to checkpoint step {step}: {int(bad.item())} weight values (summed "
+                                  "over ranks) are NaN or infinite; the previous checkpoint is kept")
+
+
 def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2) -> Path:
-    """Save a complete checkpoint for ``state.step`` (collective: every rank calls it)."""
+    """Save a complete checkpoint for ``state.step`` (collective: every rank calls it); refuses a state
+    with non-finite weights (:class:`NonFiniteStateError`)."""
     from megatron.core import dist_checkpointing
 
+    _check_finite_weights(model_chunks, state.step)
     rank = dist.get_rank()
     final = root / f"step_{state.step:06d}"
     tmp = root / f"step_{state.step:06d}.tmp"

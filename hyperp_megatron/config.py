@@ -34,12 +34,19 @@ class MoEConfig:
     """gamma of the switch-style load-balancing loss over the global batch."""
     token_dispatcher: str = "alltoall"
     """Megatron token dispatcher: 'alltoall' or 'allgather'."""
+    grouped_gemm: str = "auto"
+    """Experts as Transformer Engine grouped GEMMs (TEGroupedMLP, one weight per expert): 'auto' (when TE
+    and a GPU are present), 'true' (required) or 'false' (Megatron's SequentialMLP, the CPU path)."""
 
     def __post_init__(self):
         _check_choice("model.moe.gate", self.gate, ("sqrt", "plain"))
         _check_choice("model.moe.token_dispatcher", self.token_dispatcher, ("alltoall", "allgather"))
+        self.grouped_gemm = str(self.grouped_gemm).lower()  # YAML reads true/false as booleans
+        _check_choice("model.moe.grouped_gemm", self.grouped_gemm, ("auto", "true", "false"))
         if self.sparsity < 0 or self.granularity < 1:
             raise ValueError("model.moe.sparsity must be >= 0 and model.moe.granularity >= 1")
+        if self.aux_loss_coeff < 0:
+            raise ValueError(f"model.moe.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
         if self.enabled and self.shared_expert and self.granularity < 2:
             raise ValueError("model.moe.shared_expert needs granularity >= 2 (k - 1 routed experts are selected)")
 
@@ -79,18 +86,22 @@ class ModelConfig:
     rotary_base: int = 10000
     """RoPE base."""
     parameterization: str = "hyperp"
-    """'hyperp' (sphere init, 1/sqrt(2d) branch multiplier, QK-norm) or 'standard' (Megatron defaults)."""
+    """'hyperp' (sphere init, 1/sqrt(2d) branch multiplier, softmax scale sqrt(128)/hd), 'muon' (the
+    Muon baseline: the HyperP architecture with output logits multiplied by hyperp.base_depth / d) or
+    'standard' (Megatron's init and attention, no multipliers)."""
     qk_norm: bool = True
     """RMSNorm over the head dim on queries and keys, before RoPE."""
     gated_attention: bool = False
     """Per-head sigmoid output gate (HyperP optional)."""
     init_method_std: float = 0.02
     """Init std for 'standard' parameterization (and the output layer under HyperP)."""
+    transformer_impl: str = "auto"
+    """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine'."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts settings."""
 
     def __post_init__(self):
-        _check_choice("model.parameterization", self.parameterization, ("hyperp", "standard"))
+        _check_choice("model.parameterization", self.parameterization, ("hyperp", "muon", "standard"))
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -104,6 +115,11 @@ class ModelConfig:
                 f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_attention_heads "
                 f"({self.num_attention_heads}): set model.head_dim explicitly"
             )
+
+    @property
+    def hyperp_architecture(self) -> bool:
+        """Branch multiplier, HyperP softmax scale and init: 'hyperp' and its 'muon' baseline."""
+        return self.parameterization in ("hyperp", "muon")
 
     @property
     def kv_channels(self) -> int:
@@ -237,9 +253,17 @@ class TrainConfig:
     """Print a progress line every N steps."""
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = cores / local processes)."""
+    fp8: str | None = None
+    """FP8 through Transformer Engine: None, 'e4m3' or 'hybrid' (needs TE layers and a GPU; master
+    weights and optimizer state stay fp32, the output layer stays in high precision)."""
+    fp8_recipe: str = "delayed"
+    """TE FP8 recipe: 'delayed', 'tensorwise', 'blockwise' (Hopper) or 'mxfp8' (Blackwell)."""
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        if self.fp8 is not None:
+            _check_choice("train.fp8", self.fp8, ("e4m3", "hybrid"))
+        _check_choice("train.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise", "mxfp8"))
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -300,6 +324,45 @@ class LoggingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Stability indicators (HYPERP.md section 5, ``monitors.py``) and the non-finite step guard."""
+
+    interval: int = 10
+    """Compute and log the indicators every N optimizer steps (0 = off; the guard is always on)."""
+    sample_tokens: int = 64
+    """Attention Z: query positions per sequence, evenly spaced (0 = every position)."""
+    sample_heads: int = 4
+    """Attention Z: query heads, evenly spaced over all heads (0 = every head)."""
+    outlier_sigma: float = 5.0
+    """A branch-output element is an outlier when |x - mu_t| > outlier_sigma * sigma_t (per token)."""
+    max_consecutive_skips: int = 5
+    """Stop the run (non-zero exit) after this many consecutive steps with a non-finite loss or
+    gradient norm (each such step is skipped: weights and optimizer state stay unchanged)."""
+
+    def __post_init__(self):
+        for name in ("interval", "sample_tokens", "sample_heads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"monitor.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.outlier_sigma > 0:
+            raise ValueError(f"monitor.outlier_sigma must be > 0, got {self.outlier_sigma}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"monitor.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+
+
+@dataclass
+class DebugConfig:
+    """Testing knobs (fault injection). Leave empty in real runs."""
+
+    nan_at_steps: list[int] = field(default_factory=list)
+    """TESTING ONLY: multiply the loss by NaN at these 1-based optimizer steps (loss and gradients
+    become non-finite), to exercise the skip guard."""
+
+    def __post_init__(self):
+        if any(step < 1 for step in self.nan_at_steps):
+            raise ValueError(f"debug.nan_at_steps are 1-based optimizer steps, got {self.nan_at_steps}")
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -311,6 +374,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hyperp: HyperPConfig = field(default_factory=HyperPConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -483,6 +548,12 @@ def validate(cfg: Config, world_size: int) -> None:
         experts = m.moe.num_routed_experts
         if experts % p.expert:
             raise ValueError(f"{experts} routed experts are not divisible by parallel.expert ({p.expert})")
+        if m.ffn_size % m.moe.granularity:
+            raise ValueError(f"FFN width {m.ffn_size} is not divisible by model.moe.granularity "
+                             f"({m.moe.granularity}); set model.ffn_hidden_size")
+        if p.tensor > 1 and not p.sequence_parallel:
+            raise ValueError("an MoE model with parallel.tensor > 1 needs parallel.sequence_parallel: true "
+                             "(Megatron's MoE layer refuses to train without it)")
         if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
             raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
     elif p.expert > 1:

@@ -24,8 +24,13 @@ import torch.distributed as dist
 from hyperp_megatron import checkpoint as ckpt
 from hyperp_megatron.config import Config, data_parallel_size, load_config, validate
 from hyperp_megatron.metrics import MetricsLogger, run_info, write_run_files
+from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
+from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
 from hyperp_megatron.transfer import derive, lr_at
+
+EXIT_NON_FINITE = 3
+"""Exit status when training stops on non-finite values (consecutive skipped steps, or a refused checkpoint)."""
 
 
 @dataclass
@@ -179,12 +184,15 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     if state.step == 0 and t.eval_interval > 0:
         result["first_val_loss"] = evaluate(s)
         s.logger.log(0, {"val_loss": result["first_val_loss"]})
+    monitor = StabilityMonitor(cfg.monitor, cfg.model, s.model_chunks, s.optimizer, s.pg_collection)
+    skips = SkipCounter(cfg.monitor.max_consecutive_skips)
     while state.step < t.steps:
         lr = lr_at(state.step, t.steps, s.peak_lr, cfg.optim.min_lr_ratio, cfg.optim.warmup_steps)
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        metrics = s.runner.train_step(data_iterator)
+        metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
+                                      poison_loss=state.step + 1 in cfg.debug.nan_at_steps)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         step_time = time.perf_counter() - started
@@ -192,12 +200,23 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
                        tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time)
         result["loss"] = metrics["loss"]
         result["losses"].append(metrics["loss"])
+        skipped = metrics.pop("skipped")
+        state.skipped_steps += int(skipped)
+        metrics["skipped_steps"] = state.skipped_steps
         is_last = state.step == t.steps
         if (t.eval_interval and state.step % t.eval_interval == 0) or is_last:
             metrics["val_loss"] = result["val_loss"] = evaluate(s)
         s.logger.log(state.step, metrics)
+        stop = skips.record(skipped)
+        if skipped:
+            s.logger.message(f"[hyperp] step {state.step}: non-finite loss or gradient norm; update skipped on "
+                             f"every rank ({skips.consecutive} in a row, {state.skipped_steps} in total)")
+        if stop:
+            s.logger.close()
+            raise skips.error(state.step)
         if state.step % t.log_interval == 0 or is_last:
-            s.logger.print_progress(state.step, {k: v for k, v in metrics.items() if k != "update_successful"})
+            s.logger.print_progress(state.step, {k: v for k, v in metrics.items()
+                                                 if k != "update_successful" and not k.startswith(MONITOR_PREFIX)})
         preempted = preemption is not None and preemption.agreed()
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or preempted or (
                 is_last and cfg.checkpoint.save_final):
@@ -206,6 +225,7 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
             s.logger.message(f"[hyperp] preemption signal: stopped after step {state.step}, checkpoint saved")
             result["preempted"] = True
             break
+    result["skipped_steps"] = state.skipped_steps
     if result["preempted"]:
         s.logger.close()
         return {**result, "step": state.step}
@@ -273,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, env.world_size, env.rank, preemption)
         if result["preempted"]:
             return EXIT_REQUEUE
+    except (NonFiniteTrainingError, ckpt.NonFiniteStateError) as exc:
+        if env.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    else:
         if env.rank == 0:
             print(f"[hyperp] done: step {result['step']} loss {result['loss']:.4f} "
                   f"val_loss {result['val_loss']:.4f} (first val_loss {result['first_val_loss']})", flush=True)

@@ -70,3 +70,11 @@ def test_entry_point_reports_one_line_error_before_heavy_work(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"]
+
+
+def test_readme_config_reference_is_current():
+    """The README's config reference is the generator's output (python -m hyperp_megatron.config_docs)."""
+    from hyperp_megatron.config_docs import markdown
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert markdown() in readme, "README config reference is stale: paste `python -m hyperp_megatron.config_docs`"

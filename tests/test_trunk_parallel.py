@@ -34,7 +34,8 @@ def test_reference_learns(reference):
     {"pipeline": 2},
     {},  # data parallel 2
     {"tensor": 2, "sequence_parallel": True},
-], ids=["tp2", "pp2", "dp2", "tp2_sp"])
+    {"distributed_optimizer": True},  # Megatron's DistributedOptimizer (AdamW state sharded over DP)
+], ids=["tp2", "pp2", "dp2", "tp2_sp", "dp2_distopt"])
 def test_layout_matches_single_process(reference, layout):
     results = run_distributed(train_worker, 2, {"parallel": layout, "train": {"steps": STEPS}})
     for result in results:  # every rank knows the same loss

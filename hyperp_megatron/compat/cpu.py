@@ -154,7 +154,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            return func(*args).replace("torch.", "torch.cuda.", 1)
+            name = func(*args)  # nested modes (a wrapped function calling another) rename only once
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
         return func(*args, **_cpu_device_kwargs(kwargs))
@@ -224,7 +225,11 @@ def _wrap_function(module, qualname: str) -> None:
     fn = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
     if fn is None or getattr(fn, "__hyperp_cpu_wrapped__", False):
         return  # not present in this megatron-core version
-    wrapped = _under_cpu_mode(fn)
+    if isinstance(fn, (classmethod, staticmethod)):
+        wrapped = type(fn)(_under_cpu_mode(fn.__func__))
+        wrapped.__hyperp_cpu_wrapped__ = True
+    else:
+        wrapped = _under_cpu_mode(fn)
     setattr(owner, name, wrapped)
     if owner is module:  # module-level functions are also imported by name elsewhere in megatron
         for other in list(sys.modules.values()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -10,7 +11,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from hyperp_megatron.config import Config
 from hyperp_megatron.model.init import initialize_parameters
+from hyperp_megatron.model.moe import use_grouped_gemm
 from hyperp_megatron.model.spec import build_layer_spec, softmax_scale, use_transformer_engine
+from hyperp_megatron.transfer import muon_logit_multiplier
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
@@ -19,7 +22,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return int(math.ceil(vocab_size / step) * step)
 
 
-def transformer_config(cfg: Config, pg_collection) -> TransformerConfig:
+def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
@@ -56,7 +59,7 @@ def transformer_config(cfg: Config, pg_collection) -> TransformerConfig:
         persist_layer_norm=False,
         deterministic_mode=not on_gpu,
     )
-    if m.parameterization == "hyperp":
+    if m.hyperp_architecture:
         kwargs["softmax_scale"] = softmax_scale(m.kv_channels)
     if m.moe.enabled:
         kwargs.update(
@@ -68,17 +71,21 @@ def transformer_config(cfg: Config, pg_collection) -> TransformerConfig:
             moe_token_dispatcher_type=m.moe.token_dispatcher,
             moe_aux_loss_coeff=m.moe.aux_loss_coeff,
             moe_router_load_balancing_type="global_aux_loss",
-            moe_router_pre_softmax=False,
+            # Megatron refuses top-1 without pre-softmax (a softmax over one logit has no gradient).
+            # SqrtGateRouter ignores the flag: HyperP softmaxes over the k selected logits, so at k = 1
+            # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
+            moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
+            moe_grouped_gemm=use_grouped_gemm(m.moe),
         )
     return TransformerConfig(**kwargs)
 
 
 def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Module]:
     """The model chunk(s) of this pipeline stage, initialized identically for every parallel layout."""
-    tf_config = transformer_config(cfg, pg_collection)
-    use_te = use_transformer_engine(False)
-    spec = build_layer_spec(cfg.model, use_te=use_te)
+    use_te = use_transformer_engine(cfg.model.transformer_impl, cfg.train.fp8)
+    tf_config = transformer_config(cfg, pg_collection, use_te)
+    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection)
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(
@@ -94,4 +101,24 @@ def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Mo
         pg_collection=pg_collection,
     )
     initialize_parameters(model, cfg, pg_collection)
+    if model.post_process and output_logit_multiplier(cfg) != 1.0:
+        scale_output_logits(model, output_logit_multiplier(cfg))
     return [model]
+
+
+def output_logit_multiplier(cfg: Config) -> float:
+    """``d0/d`` for the Muon baseline (``transfer.muon_logit_multiplier``); 1 under HyperP and standard."""
+    if cfg.model.parameterization == "muon":
+        return muon_logit_multiplier(cfg.model.num_layers, cfg.hyperp.base_depth)
+    return 1.0
+
+
+def _scale_logits(multiplier: float, module, args, output):
+    logits, bias = output
+    return logits * multiplier, bias
+
+
+def scale_output_logits(model: GPTModel, multiplier: float) -> None:
+    """Multiply the output layer's logits (each TP rank's vocab slice, before the loss) by ``multiplier``."""
+    model.output_layer.register_forward_hook(functools.partial(_scale_logits, multiplier))
+    model.output_logit_multiplier = multiplier

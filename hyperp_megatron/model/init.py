@@ -4,7 +4,8 @@ for any TP / PP / EP size, so different layouts start from identical weights.
 
 HyperP (HYPERP.md section 2): hidden matrices (and router, experts) ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
 so the sphere radius is ``R ~ sqrt(fan_out/3)``; output layer ``N(0, 0.02^2)``; embedding
-``N(0, 1e-4^2)``; norm gains 1. Standard: Megatron's ``N(0, std^2)`` with output projections scaled
+``N(0, 1e-4^2)``; norm gains 1 (the same for the 'muon' baseline, so that side-by-side runs start
+from the same weights). Standard: Megatron's ``N(0, std^2)`` with output projections scaled
 by ``1/sqrt(2 d)``.
 """
 
@@ -23,6 +24,11 @@ OUTPUT_STD = 0.02
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"experts\.linear_fc([12])\.weight(\d+)$")
+"""TEGroupedMLP (grouped GEMM) keeps expert i as ``experts.linear_fc{1,2}.weight{i}``. Its canonical name is
+SequentialMLP's ``experts.local_experts.{global i}.linear_fc{1,2}.weight`` (the same initial experts with
+or without grouped GEMM). Under EP / expert-TP, TE's weights carry no Megatron partition attributes
+(Megatron slices them itself), so the layout comes from the name: fc1 column-, fc2 row-parallel."""
 
 
 def canonical_names(model: torch.nn.Module, pg_collection) -> dict[str, str]:
@@ -37,6 +43,12 @@ def canonical_names(model: torch.nn.Module, pg_collection) -> dict[str, str]:
             experts = _parent_module(model, name[: match.start()] + "local_experts")
             global_id = pg_collection.ep.rank() * len(experts) + int(match.group(1))
             canonical = _EXPERT.sub(f"local_experts.{global_id}.", canonical)
+        grouped = _GROUPED_EXPERT.search(name)
+        if grouped:
+            experts = _parent_module(model, name[: grouped.start()] + "experts")
+            global_id = pg_collection.ep.rank() * experts.num_local_experts + int(grouped.group(2))
+            canonical = _GROUPED_EXPERT.sub(
+                f"experts.local_experts.{global_id}.linear_fc{grouped.group(1)}.weight", canonical)
         names[name] = canonical
     return names
 
@@ -49,10 +61,19 @@ def _parent_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def _shard_group(name: str, param: torch.Tensor, pg_collection):
+    if _GROUPED_EXPERT.search(name):
+        return pg_collection.expt_tp
     if not getattr(param, "tensor_model_parallel", False):
         return None
     is_expert = "experts" in name and "shared_experts" not in name
     return pg_collection.expt_tp if is_expert else pg_collection.tp
+
+
+def _partition_dim(name: str, param: torch.Tensor) -> int:
+    grouped = _GROUPED_EXPERT.search(name)
+    if grouped:
+        return 0 if grouped.group(1) == "1" else 1
+    return getattr(param, "partition_dim", 0)
 
 
 def _is_glu_fc1(name: str) -> bool:
@@ -76,12 +97,12 @@ def _draw(name: str, shape: tuple, cfg: Config, generator: torch.Generator) -> t
     if len(shape) == 1:  # biases
         return torch.zeros(shape)
     if "word_embeddings" in name:
-        std = EMBEDDING_STD if cfg.model.parameterization == "hyperp" else cfg.model.init_method_std
+        std = EMBEDDING_STD if cfg.model.hyperp_architecture else cfg.model.init_method_std
         return torch.randn(shape, generator=generator) * std
     if "output_layer" in name:
-        std = OUTPUT_STD if cfg.model.parameterization == "hyperp" else cfg.model.init_method_std
+        std = OUTPUT_STD if cfg.model.hyperp_architecture else cfg.model.init_method_std
         return torch.randn(shape, generator=generator) * std
-    if cfg.model.parameterization == "hyperp":
+    if cfg.model.hyperp_architecture:
         bound = 1.0 / math.sqrt(shape[-1])
         return (torch.rand(shape, generator=generator) * 2 - 1) * bound
     std = cfg.model.init_method_std
@@ -97,7 +118,7 @@ def initialize_parameters(model: torch.nn.Module, cfg: Config, pg_collection) ->
     for name, param in model.named_parameters():
         canonical = names[name]
         group = _shard_group(name, param, pg_collection)
-        dim = getattr(param, "partition_dim", 0)
+        dim = _partition_dim(name, param)
         size = group.size() if group is not None else 1
         full_shape = list(param.shape)
         if size > 1:

@@ -5,7 +5,11 @@ plugged in through extension points, not forks.
   (``TransformerLayerSubmodules.self_attn_bda`` / ``mlp_bda``);
 - QK-norm: Megatron's ``q_layernorm`` / ``k_layernorm`` slots (RMSNorm over the head dim, applied in
   ``get_query_key_value_tensors``, i.e. before RoPE);
-- softmax scale ``sqrt(hd0)/hd``: ``TransformerConfig.softmax_scale``.
+- softmax scale ``sqrt(hd0)/hd``: ``TransformerConfig.softmax_scale``;
+- optional per-head gated attention: ``self_attention`` becomes
+  :class:`~hyperp_megatron.model.attention.GatedSelfAttention` with a column-parallel ``linear_gate``.
+
+'muon' (the Muon baseline) shares these; its output-logit multiplier lives on the model (``gpt.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import math
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from hyperp_megatron.config import ModelConfig
+from hyperp_megatron.model.attention import gated_attention_spec
+from hyperp_megatron.model.moe import moe_layer_spec
 
 try:  # Transformer Engine is an optional GPU extra.
     import transformer_engine  # noqa: F401
@@ -34,6 +41,12 @@ BASE_HEAD_DIM = 128
 def residual_multiplier(num_layers: int) -> float:
     """Branch multiplier 1/sqrt(2d) (Depth-muP, HYPERP.md section 2)."""
     return 1.0 / math.sqrt(2 * num_layers)
+
+
+def branch_multiplier(cfg: ModelConfig) -> float:
+    """The factor every residual branch output gets before the add: 1/sqrt(2d) for the HyperP
+    architecture, 1 otherwise (the stability monitors read it from here)."""
+    return residual_multiplier(cfg.num_layers) if cfg.hyperp_architecture else 1.0
 
 
 def softmax_scale(head_dim: int) -> float:
@@ -65,19 +78,24 @@ def scaled_bda(multiplier: float):
     return get_scaled_bias_dropout_add
 
 
-def use_transformer_engine(requested: bool) -> bool:
-    """TE layers when TE and a GPU are present; a one-line message when requested but unavailable."""
+def use_transformer_engine(impl: str, fp8: str | None) -> bool:
+    """TE layers when TE and a GPU are present ('auto'); a one-line message when TE or FP8 is requested
+    but unavailable (the run then uses Megatron's local layers, without FP8)."""
     import torch
 
-    if requested and not (HAVE_TE and torch.cuda.is_available()):
-        print("[hyperp] Transformer Engine/FP8 requested but unavailable (no TE or no GPU): "
-              "using Megatron's local layers")
+    available = HAVE_TE and torch.cuda.is_available()
+    if (impl == "transformer_engine" or fp8) and not available:
+        print(f"[hyperp] {'FP8' if fp8 else 'Transformer Engine'} requested but Transformer Engine or a GPU "
+              "is unavailable: using Megatron's local layers" + (" without FP8" if fp8 else ""), flush=True)
         return False
-    return requested
+    return available and impl != "local"
 
 
-def build_layer_spec(cfg: ModelConfig, use_te: bool = False) -> ModuleSpec:
-    """The transformer-layer spec for ``cfg`` (dense or MoE), with HyperP's modifications."""
+def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None) -> ModuleSpec:
+    """The transformer-layer spec for ``cfg`` (dense or MoE), with HyperP's modifications.
+
+    MoE: SqrtGate router, shared-expert mix and grouped-GEMM experts, see ``model/moe.py``.
+    """
     num_experts = cfg.moe.num_routed_experts if cfg.moe.enabled else None
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts,
@@ -85,8 +103,13 @@ def build_layer_spec(cfg: ModelConfig, use_te: bool = False) -> ModuleSpec:
     else:
         spec = get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=cfg.qk_norm,
                                         normalization="RMSNorm")
-    if cfg.parameterization == "hyperp":
-        bda = scaled_bda(residual_multiplier(cfg.num_layers))
+    if cfg.hyperp_architecture:
+        bda = scaled_bda(branch_multiplier(cfg))
         spec.submodules.self_attn_bda = bda
         spec.submodules.mlp_bda = bda
+    if cfg.gated_attention:
+        spec.submodules.self_attention = gated_attention_spec(spec.submodules.self_attention,
+                                                              ColumnParallelLinear, normalize_gate_input=use_te)
+    if cfg.moe.enabled:
+        spec.submodules.mlp = moe_layer_spec(spec.submodules.mlp, cfg.moe, pg_collection)
     return spec

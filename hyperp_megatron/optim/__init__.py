@@ -1,6 +1,8 @@
 """HyperP optimizers: Newton-Schulz, the sphere Muon optimizer and its single-device reference.
 
-Importing this package does not import megatron (the Megatron glue lives in ``builder``).
+Importing this package does not import megatron. The Megatron glue: ``param_groups`` (parameter
+roles -> rule and layout, the role table), ``sphere_builder`` (Megatron wrappers, grad clipping,
+checkpoints) and ``builder`` (``optim.name`` -> optimizer).
 """
 
 from hyperp_megatron.optim.newton_schulz import (

@@ -49,10 +49,13 @@ def _quintic_iterations(
     """
     squared_norm = sum_over_shards(wide.square().sum(dim=(-2, -1), keepdim=True))  # (..., 1, 1)
     x = wide / (squared_norm.sqrt() + NORM_EPS)
+    # beta * bias + alpha * left @ right in one GEMM call (no separate elementwise passes over x).
+    fused = torch.addmm if x.dim() == 2 else torch.baddbmm
     for a, b, c in NS5_COEFFICIENTS:
         # The Gram matrix is reduced in fp32 even when x is bf16: it is a sum over shards.
         gram = sum_over_shards((x @ x.mT).float()).to(x.dtype)  # (..., short, short)
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        polynomial = fused(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = fused(x, polynomial, x, beta=a)  # a X + (b A + c A^2) X
     return x
 
 

@@ -154,6 +154,8 @@ class _PlannedParam:
 
     def piece_sums(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Local sum of left * right over each piece: (num_pieces,)."""
+        if len(self.piece_rows) == 1 and left.is_contiguous() and right.is_contiguous():
+            return torch.dot(left.view(-1), right.view(-1)).view(1)  # no (m, n) temporary
         row_sums = (self.as_row_groups(left) * self.as_row_groups(right)).sum(dim=(0, 2))
         return torch.stack([chunk.sum() for chunk in row_sums.split(self.piece_rows)])
 
@@ -240,6 +242,9 @@ class SphereMuon(torch.optim.Optimizer):
         if self._plan is None:
             self._plan = self._build_plan()
         return self._plan
+
+    def _planned_by_id(self) -> dict[int, _PlannedParam]:
+        return {id(planned.param): planned for planned in self._get_plan()}
 
     def _build_plan(self) -> list[_PlannedParam]:
         plan = []
@@ -369,6 +374,56 @@ class SphereMuon(torch.optim.Optimizer):
         for dp_group, is_expert in self._layer_wise_groups():
             family = [p for p in self._get_plan() if p.layout.is_expert == is_expert]
             _all_gather_owned_params(family, dp_group)
+
+    # ------------------------------------------------------------------ wrappers and checkpoints
+
+    def replace_params(self, replacements: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        """``param_groups`` now hold ``new`` where they held ``old`` (``{old: new}``): e.g. the fp32
+        master copies a mixed-precision wrapper puts in place of bf16 model parameters. Layouts (and
+        any state) carry over; the plan is rebuilt."""
+        for old, new in replacements.items():
+            self._layout_by_param_id[id(new)] = self._layout_by_param_id.pop(id(old))
+            if old in self.state:
+                self.state[new] = self.state.pop(old)
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        assert all(id(new) in held for new in replacements.values()), "replace_params: new tensor not in a group"
+        self._plan = None
+        self._get_plan()
+
+    def layout(self, param: torch.Tensor) -> ParamLayout:
+        return self._layout_by_param_id[id(param)]
+
+    def num_pieces(self, param: torch.Tensor) -> int:
+        """Matrices (spheres) inside ``param``: 3 for a fused QKV, else 1."""
+        split = self.layout(param).qkv_split
+        return len(split.piece_rows) if split is not None else 1
+
+    def is_updated_here(self, param: torch.Tensor) -> bool:
+        """False on the DP ranks that do not own ``param`` in layer-wise mode (they keep no state)."""
+        return self._planned_by_id()[id(param)].updated_here
+
+    def is_layer_wise(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s updates (and state) are split over data-parallel ranks."""
+        is_expert = self.layout(param).is_expert
+        return any(flag == is_expert for _, flag in self._layer_wise_groups())
+
+    def init_state(self) -> None:
+        """Create (zero) state for every parameter updated here, so that a checkpoint can be loaded
+        into it. Only for loading: a zero ``radius`` is overwritten by the checkpoint's."""
+        for planned in self._get_plan():
+            state = self.state[planned.param]
+            if not planned.updated_here or state:
+                continue
+            rule = planned.layout.rule
+            if rule in MATRIX_RULES:
+                state["momentum_buffer"] = torch.zeros_like(planned.param, dtype=torch.float32)
+            else:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(planned.param, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(planned.param, dtype=torch.float32)
+            if rule in SPHERE_RULES:
+                state["radius"] = torch.zeros(len(planned.piece_rows), dtype=torch.float32,
+                                              device=planned.param.device)
 
     # ------------------------------------------------------------------ state
 
@@ -525,6 +580,12 @@ def _retracted_sphere_step(
         decay**2 * weight_sq - 2 * decay * step_scale * weight_dot_direction + step_scale**2 * direction_sq
     )
     retraction = radius / new_weight_sq.sqrt()
-    weight = planned.as_row_groups(planned.param.float()) * planned.row_scale(retraction * decay)
-    weight = weight - planned.as_row_groups(direction) * planned.row_scale(retraction * step_scale)
+    weight_scale, direction_scale = planned.row_scale(retraction * decay), planned.row_scale(retraction * step_scale)
+    if planned.param.dtype == torch.float32 and planned.param.is_contiguous():
+        # In place on the fp32 (master) weight: no (m, n) temporaries.
+        weight = planned.as_row_groups(planned.param)
+        weight.mul_(weight_scale).addcmul_(planned.as_row_groups(direction), -direction_scale)
+        return
+    weight = planned.as_row_groups(planned.param.float()) * weight_scale
+    weight = weight - planned.as_row_groups(direction) * direction_scale
     planned.param.copy_(weight.view_as(planned.param))
