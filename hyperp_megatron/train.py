@@ -87,6 +87,11 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
     from hyperp_megatron.step import StepRunner
 
     pg_collection = init_model_parallel(cfg.parallel, cfg.train.seed)
+    # Megatron keeps the MoE aux-loss gradient scale in a class attribute: a second run in the same process
+    # (coord check, tests) must not inherit the previous run's tensor.
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     peak_lr, derived = _derived_values(cfg, world_size, vocab_size)

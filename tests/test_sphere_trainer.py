@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 
 from _dist import run_distributed
-from trainer_utils import train_worker
+from trainer_utils import TINY, merge, train_worker
 
 STEPS = 5
 SAVE_AT = 3
@@ -29,8 +29,6 @@ PARITY_RTOL = 1e-5
 
 
 def _run(overrides: dict, **sections) -> dict:
-    from trainer_utils import merge
-
     return merge(SPHERE, {**overrides, **sections})
 
 
@@ -79,7 +77,6 @@ def _norm_run(rank: int, world_size: int, overrides: dict) -> dict:
     from hyperp_megatron import train as trainer
     from hyperp_megatron.compat import apply_cpu_patches
     from hyperp_megatron.config import load_config, validate
-    from trainer_utils import TINY, merge
 
     apply_cpu_patches()
     cfg = load_config(None, merge(TINY, overrides))
@@ -140,7 +137,6 @@ def _group_checks() -> dict:
     from hyperp_megatron.optim.param_groups import assign_parameters, layout_for
     from hyperp_megatron.optim.sphere_builder import build_sphere_optimizer
     from hyperp_megatron.parallel import init_model_parallel
-    from trainer_utils import TINY, merge
 
     cfg = load_config(None, merge(TINY, {"model": MOE, "optim": {"name": "sphere_muon"}}))
     pg_collection = init_model_parallel(cfg.parallel, cfg.train.seed)
@@ -150,6 +146,9 @@ def _group_checks() -> dict:
         in_groups = [id(p) for wrapped in optimizer.chained_optimizers for g in wrapped.optimizer.param_groups
                      for p in g["params"]]
         rules = {a.name: a.rule for a in assign_parameters(chunks, "sphere_muon", pg_collection)}
+        for group in optimizer.param_groups:  # as the trainer sets the schedule's LR
+            group["lr"] = 0.123
+        inner_lrs = {g["lr"] for wrapped in optimizer.chained_optimizers for g in wrapped.optimizer.param_groups}
         try:
             layout_for("decoder.layers.0.mlp.mystery.weight", torch.zeros(2, 2), optimizer_name="sphere_muon",
                        config=chunks[0].config, pg_collection=pg_collection)
@@ -159,7 +158,8 @@ def _group_checks() -> dict:
         return {"num_params": len(list(chunks[0].parameters())), "in_groups": len(in_groups),
                 "distinct_in_groups": len(set(in_groups)),
                 "all_covered": set(in_groups) == {id(p) for p in chunks[0].parameters()},
-                "num_chained": len(optimizer.chained_optimizers), "rules": rules, "unknown_error": unknown_error}
+                "num_chained": len(optimizer.chained_optimizers), "rules": rules, "unknown_error": unknown_error,
+                "inner_lrs": inner_lrs}
     finally:
         from megatron.core import parallel_state
 
@@ -253,6 +253,7 @@ def test_every_parameter_in_exactly_one_group(single):
     groups = single["groups"]
     assert groups["in_groups"] == groups["distinct_in_groups"] == groups["num_params"]
     assert groups["all_covered"] and groups["num_chained"] == 2  # dense + routed experts
+    assert groups["inner_lrs"] == {0.123}  # the trainer's LR reaches every SphereMuon group
     rules = groups["rules"]
     expected = {
         "decoder.layers.0.self_attention.linear_qkv.weight": "sphere_muon",

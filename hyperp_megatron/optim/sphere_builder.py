@@ -28,7 +28,6 @@ state of the matrices it owns under the new layout (re-owning after a DP resize)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 
