@@ -206,7 +206,9 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup steps."""
     weight_decay: float = 0.0
-    """Weight decay (decoupled)."""
+    """Decoupled weight decay of the matrix rules: the sphere matrices under sphere_muon (a first-order no-op
+    that cannot shrink the sphere), the baseline's wd0 under muon (wd0 d0/d with hyperp.enabled), all
+    decaying params under adamw. Embeddings and norm gains never decay under sphere_muon / muon."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.95

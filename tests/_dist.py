@@ -8,6 +8,7 @@ with gloo, and its return value (picklable) comes back to the parent, one entry 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -37,7 +38,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle: torch's queue pickler would share tensor storage through file descriptors that
+        # vanish when this process exits before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -62,7 +65,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

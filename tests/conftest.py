@@ -15,3 +15,25 @@ def embedded_corpus():
     from hyperp_megatron.data import prepare_embedded_corpus
 
     return prepare_embedded_corpus(os.path.join(REPO, "data"), 8192)
+
+
+@pytest.fixture(scope="module")
+def pg_collection():
+    """A gloo world of one process and Megatron's parallel state, in this process."""
+    import torch.distributed as dist
+
+    from _dist import free_port
+    from hyperp_megatron.compat import apply_cpu_patches
+    from hyperp_megatron.config import ParallelConfig
+    from hyperp_megatron.parallel import init_model_parallel
+
+    apply_cpu_patches()
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield init_model_parallel(ParallelConfig(), seed=1234)
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if started:
+        dist.destroy_process_group()

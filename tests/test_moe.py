@@ -16,31 +16,10 @@ import os
 import pytest
 import torch
 
-from _dist import free_port, run_distributed
+from _dist import run_distributed
 from trainer_utils import REPO, merge, train_worker
 
 HIDDEN = 64
-
-
-@pytest.fixture(scope="module")
-def pg_collection():
-    """A gloo world of one process and Megatron's parallel state, in this process."""
-    import torch.distributed as dist
-
-    from hyperp_megatron.compat import apply_cpu_patches
-    from hyperp_megatron.config import ParallelConfig
-    from hyperp_megatron.parallel import init_model_parallel
-
-    apply_cpu_patches()
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield init_model_parallel(ParallelConfig(), seed=1234)
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
 
 
 def build_moe_layer(pg_collection, *, sparsity, granularity, shared_expert=False, gate="sqrt",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.slurm import SlurmCluster, slurm_cluster  # noqa: F401 - fixture
+from cluster.slurm import slurm_cluster  # noqa: F401 - fixture
 from trainer_utils import REPO, finish, final, job_env, launch_torchrun, wait_for_step, write_config
 
 STEPS = 6

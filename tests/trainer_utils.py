@@ -44,7 +44,6 @@ def train_worker(rank: int, world_size: int, overrides: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hyperp_megatron.compat import apply_cpu_patches
     from hyperp_megatron.config import load_config, validate
-    from hyperp_megatron.parallel import destroy
     from hyperp_megatron.train import train
 
     apply_cpu_patches()
