@@ -475,11 +475,12 @@ def parse_overrides(args: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_dicts(base: dict, override: dict) -> dict:
+    """Nested dict merge: ``override`` wins; neither input is modified."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -498,7 +499,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        data = _merge(data, extra)
+        data = merge_dicts(data, extra)
     return _build(Config, data)
 
 

@@ -179,6 +179,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
     (``result["preempted"]``).
     """
+    from hyperp_megatron.optim.builder import set_learning_rate
+
     s = setup(cfg, world_size, rank)
     t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
@@ -193,8 +195,7 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     skips = SkipCounter(cfg.monitor.max_consecutive_skips)
     while state.step < t.steps:
         lr = lr_at(state.step, t.steps, s.peak_lr, cfg.optim.min_lr_ratio, cfg.optim.warmup_steps)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
         metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
                                       poison_loss=state.step + 1 in cfg.debug.nan_at_steps)

@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from hyperp_megatron.config import merge_dicts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
@@ -29,13 +31,7 @@ TINY = {
 
 
 def merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return merge_dicts(copy.deepcopy(base), extra)
 
 
 def train_worker(rank: int, world_size: int, overrides: dict) -> dict:
