@@ -88,33 +88,35 @@ class ShardWriter:
 
 class TensorReader:
     """Lazy access to the tensors of an HF directory (sharded with an index, or one ``model.safetensors``),
-    each returned as fp32 and checked against the expected shape."""
+    each returned as fp32 and checked against the expected shape. A file is opened (memory-mapped) per read
+    and closed again, so the mapped pages of tensors already converted do not stay in this process."""
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
 
-        directory = Path(directory)
-        index_file, single = directory / INDEX, directory / "model.safetensors"
+        self.directory = Path(directory)
+        index_file, single = self.directory / INDEX, self.directory / "model.safetensors"
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            self.weight_map = json.loads(index_file.read_text())["weight_map"]
         elif single.is_file():
-            weight_map = None
+            with safe_open(str(single), framework="pt") as handle:
+                self.weight_map = {name: single.name for name in handle.keys()}
         else:
-            raise ValueError(f"{directory} has no safetensors weights ({INDEX} or model.safetensors)")
-        files = sorted(set(weight_map.values())) if weight_map else [single.name]
-        missing = [f for f in files if not (directory / f).is_file()]
+            raise ValueError(f"{self.directory} has no safetensors weights ({INDEX} or model.safetensors)")
+        missing = sorted(f for f in set(self.weight_map.values()) if not (self.directory / f).is_file())
         if missing:
-            raise ValueError(f"{directory} is incomplete: missing weight file(s) {', '.join(missing)}")
-        self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
-        self.weight_map = weight_map or {k: single.name for k in self._handles[single.name].keys()}
+            raise ValueError(f"{self.directory} is incomplete: missing weight file(s) {', '.join(missing)}")
         self.read_names: set[str] = set()
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        from safetensors import safe_open
+
         file_name = self.weight_map.get(name)
         if file_name is None:
             raise ValueError(f"tensor {name} is missing from the checkpoint")
         try:
-            tensor = self._handles[file_name].get_tensor(name)
+            with safe_open(str(self.directory / file_name), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise ValueError(f"cannot read tensor {name} from {file_name}: {exc}") from None
         if shape and tuple(tensor.shape) != tuple(shape):

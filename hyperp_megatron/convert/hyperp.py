@@ -14,8 +14,6 @@ import torch
 from hyperp_megatron.config import Config
 from hyperp_megatron.convert.folds import Folds, shared_expert_mix
 from hyperp_megatron.convert.targets import Reader, SpecialTokens, Target, mlp_from_hf, mlp_to_hf
-from hyperp_megatron.model.gpt import output_logit_multiplier
-from hyperp_megatron.model.spec import branch_multiplier, softmax_scale
 
 MODELING_FILE = Path(__file__).parent / "hf_modeling" / "modeling_hyperp.py"
 
@@ -33,6 +31,9 @@ class HyperPTarget(Target):
         return Folds()
 
     def hf_config(self, cfg: Config, vocab_size: int, special: SpecialTokens, dtype: str) -> dict:
+        from hyperp_megatron.model.gpt import output_logit_multiplier
+        from hyperp_megatron.model.spec import branch_multiplier, softmax_scale
+
         m, moe = cfg.model, cfg.model.moe
         expert_width = m.ffn_size // moe.granularity if moe.enabled else 0
         scale = softmax_scale(m.kv_channels) if m.hyperp_architecture else 1 / math.sqrt(m.kv_channels)

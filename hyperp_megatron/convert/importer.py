@@ -98,6 +98,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, parameterization: str | No
             for i in range(m.num_layers):
                 pieces = folds.apply(adapter.layer_from_hf(i, read, cfg), qk_norm=m.qk_norm, inverse=True)
                 ours.assign(model, ours.megatron_layer(pieces, i, cfg))
+            del top, pieces  # the model holds every weight now
             unused = read.unread()
             if unused:
                 raise ValueError(f"{len(unused)} tensor(s) of the checkpoint do not fit the config "

@@ -160,11 +160,32 @@ def load(source: Source, pg_collection) -> torch.nn.Module:
 
     model = build(source.cfg, pg_collection, source.padded_vocab_size)
     try:
-        ckpt.load(source.path, [model], None, load_optimizer=False)
+        load_weights(source.path, model)
     except (CheckpointingException, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"checkpoint {source.path} does not match its own config ({first[:300]})") from None
     return model
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """``dist_checkpointing.load`` in place into the model's parameters.
+
+    Megatron's sharded state dict describes SwiGLU fc1 by a factory that loads the gate and up halves and
+    concatenates them into a new tensor (about half a dense model of temporaries). Built here instead,
+    its shards are ``chunk`` views of the parameter, so every weight is read in place: one copy in memory.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, apply_factories
+
+    sharded = model.sharded_state_dict()
+    factories = {key for key, value in sharded.items() if isinstance(value, ShardedTensorFactory)}
+    apply_factories(sharded)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    # The other tensors were read into the parameters' own storage too; this copies each onto itself. (The
+    # loaded dict also holds the checkpoint's common, non-model state: the trainer's optimizer settings.)
+    tensors = {key: loaded[key] for key in sharded if key not in factories}
+    incompatible = model.load_state_dict(tensors, strict=False)
+    assert not incompatible.unexpected_keys and set(incompatible.missing_keys) <= factories, incompatible
 
 
 # ----------------------------------------------------------------------------------------------
