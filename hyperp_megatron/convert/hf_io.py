@@ -77,9 +77,12 @@ class ShardWriter:
             self._flush()
         total = len(self.shards)
         weight_map = {}
+        umask = os.umask(0)
+        os.umask(umask)
         for k, names in enumerate(self.shards):
             file_name = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
             os.replace(self.directory / f"shard-{k:05d}.part", self.directory / file_name)
+            os.chmod(self.directory / file_name, 0o666 & ~umask)  # safetensors writes 0600 files
             weight_map.update({name: file_name for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
