@@ -11,6 +11,7 @@ Set HYPERP_CONVERT_RESULTS=bench/results/convert_parity.json to record the measu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -238,8 +239,7 @@ def test_round_trip_gives_our_weights_back(world, exported, name, tmp_path):
     assert summary["from_our_export"]
     original_source, original = _params(world, case["run"])
     source, imported = _params(world, tmp_path / "run")
-    assert source.cfg.model == original_source.cfg.model.__class__(**{**vars(original_source.cfg.model),
-                                                                      "vocab_size": VOCAB})
+    assert source.cfg.model == dataclasses.replace(original_source.cfg.model, vocab_size=VOCAB)
     assert set(imported) == set(original)
     worst = 0.0
     for key, value in original.items():

@@ -82,8 +82,10 @@ def _report(command: str, result: dict, as_json: bool) -> str:
         return (f"exported step {result['step']} to {result['output']}: {result['architecture']} ({result['dtype']}, "
                 f"{'exact' if result['exact'] else 'INEXACT'}), {result['num_shards']} shard(s), "
                 f"{result['total_bytes'] / 2**20:.1f} MiB")
+    data = "" if result["from_our_export"] else (f" and --data.prefixes of data tokenized with "
+                                                  f"{result['output']}/tokenizer")
     return (f"imported {result['architecture']} ({result['parameterization']} parameterization) into "
-            f"{result['output']}: train with --config {result['output']}/config.yaml")
+            f"{result['output']}: train with --config {result['output']}/config.yaml{data}")
 
 
 def _return_freed_memory() -> None:

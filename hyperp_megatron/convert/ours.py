@@ -97,16 +97,16 @@ def describe(path: str | Path) -> Source:
     if "config" not in meta:
         raise ValueError(f"{path / ckpt.STATE} has no run config: not a checkpoint of this trainer")
     cfg = single_process_config(meta["config"])
-    shapes = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
-    embedding = shapes.get("embedding.word_embeddings.weight")
-    if embedding is None:
+    saved = dist_checkpointing.load_tensors_metadata(str(path)).get("embedding.word_embeddings.weight")
+    if saved is None:
         raise ValueError(f"checkpoint {path} has no embedding.word_embeddings.weight: not a GPT checkpoint")
     vocab = cfg.model.vocab_size or meta.get("derived", {}).get("shape", {}).get("vocab_size")
     if vocab is None:
         raise ValueError(f"checkpoint {path} records no vocabulary size (model.vocab_size or derived)")
-    if not vocab <= embedding[0]:
-        raise ValueError(f"checkpoint {path}: vocabulary {vocab} is larger than the saved embedding ({embedding[0]})")
-    return Source(path, cfg, meta, int(vocab), int(embedding[0]))
+    padded = saved.global_shape[0]
+    if not vocab <= padded:
+        raise ValueError(f"checkpoint {path}: vocabulary {vocab} is larger than the saved embedding ({padded} rows)")
+    return Source(path, cfg, meta, int(vocab), int(padded))
 
 
 # ----------------------------------------------------------------------------------------------
