@@ -71,6 +71,25 @@ def _register_expert_conversion() -> None:
 class HyperPConfig(PreTrainedConfig):
     model_type = "hyperp"
     keys_to_ignore_at_inference = ["cache"]
+    # Tensor / pipeline plans as Qwen3-MoE's (transformers' tp_plan="auto", vLLM's transformers backend);
+    # the per-head gate splits by heads like q_proj. Not exercised by the converter's tests (CPU, one process).
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.gate_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise", "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(self, vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                  num_attention_heads=16, num_key_value_heads=4, head_dim=128, hidden_act="silu",
@@ -251,6 +270,9 @@ class HyperPModel(HyperPPreTrainedModel):
 
 
 class HyperPForCausalLM(HyperPPreTrainedModel, GenerationMixin):
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
     def __init__(self, config: HyperPConfig):
         super().__init__(config)
         self.model = HyperPModel(config)
