@@ -172,3 +172,29 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path):
     assert claims["norm_transfer"]["verdict"] == "holds", claims["norm_transfer"]
     text = (tmp_path / "report" / "REPORT.md").read_text()
     assert "## Verdicts" in text and "tokens_lr.png" in text and (tmp_path / "report" / "tokens_lr.png").is_file()
+
+
+def test_a_resumed_sweep_stops_an_orphaned_trainer_of_the_same_run(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    run = sweep.plan(spec)[0]
+    folder = sweep.run_dir(tmp_path / "results", run)
+    folder.mkdir(parents=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(folder)],
+                              start_new_session=True)
+    (folder / sweep.PID_FILE).write_text(str(orphan.pid))
+    sweep.prepare_folder(run, tmp_path / "results", tmp_path / "data")
+    assert orphan.wait(timeout=20) != 0  # killed
+    assert (folder / sweep.IDENTITY_FILE).is_file() and not (folder / sweep.PID_FILE).exists()
+
+
+@pytest.mark.parametrize("name", ["science.yaml", "science_smoke.yaml"])
+def test_shipped_sweep_specs_plan_and_every_run_config_loads(name, tmp_path, monkeypatch):
+    from hyperp_megatron.config import load_config
+
+    spec = sweep.load_spec(REPO / "sweeps" / name)
+    runs = sweep.plan(spec)
+    assert runs and len({r.key for r in runs}) == len(runs)
+    for run in runs:
+        load_config(spec.base_config, sweep.nested_overrides(run.overrides))
+    monkeypatch.chdir(tmp_path)  # the run keys do not depend on the working directory
+    assert [r.key for r in sweep.plan(sweep.load_spec(REPO / "sweeps" / name))] == [r.key for r in runs]

@@ -1,6 +1,6 @@
 """Fit a sweep's results and write the report: bench/results/science/{REPORT.md, claims.json, optima.json, *.png}.
 
-    python tools/fit_transfer.py --spec configs/science/experiments.yaml --results /work/science/results \
+    python tools/fit_transfer.py --spec sweeps/science.yaml --results /work/science/results \
         --out bench/results/science
 
 Works on partial results (every verdict names its missing runs). Per scale: a quadratic in log(LR) of the final

@@ -1,7 +1,7 @@
 """LR sweeps over scale ladders: plan, run locally a few processes at a time, or one run per SLURM array task.
 
-    python tools/lr_sweep.py plan --spec configs/science/experiments.yaml            # runs, FLOPs, estimate
-    python tools/lr_sweep.py run  --spec configs/science/experiments.yaml --results /work/science/results --jobs 2
+    python tools/lr_sweep.py plan --spec sweeps/science.yaml            # runs, FLOPs, estimate
+    python tools/lr_sweep.py run  --spec sweeps/science.yaml --results /work/science/results --jobs 2
     python tools/lr_sweep.py run-one --spec ... --results ... --index $SLURM_ARRAY_TASK_ID   # launch/sweep_array.sbatch
     python tools/lr_sweep.py status --spec ... --results ...
 
@@ -18,7 +18,12 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
+
+# megatron-core warns at import about every optional GPU package it lacks (the corpus preparation imports it)
+warnings.filterwarnings("ignore", module=r"megatron\..*")
+warnings.filterwarnings("ignore", category=UserWarning, message=r".*(Apex|Transformer Engine|apex).*")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,7 +37,7 @@ SECONDS_PER_GFLOP = 0.035
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("plan", "run", "run-one", "status"))
-    parser.add_argument("--spec", required=True, help="sweep spec YAML (configs/science/experiments.yaml)")
+    parser.add_argument("--spec", required=True, help="sweep spec YAML (sweeps/science.yaml)")
     parser.add_argument("--results", default="runs/sweep", help="results folder (one subfolder per run)")
     parser.add_argument("--only", default="", help="comma-separated experiment names (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (run)")

@@ -144,7 +144,8 @@ def weight_decay_verdict(base: Sweep | None, decayed: Sweep | None, rows) -> Ver
             diffs[lr] = (float(b.mean() - a.mean()), se)
     rule = "holds if every per-LR difference (wd 0.1 - wd 0) is within 2.5 standard errors of the seed noise"
     if not diffs:
-        return Verdict("weight_decay", OPEN, None, None, PAPER["weight_decay"], rule, "no LR with 2+ seeds" + incomplete)
+        return Verdict("weight_decay", OPEN, None, None, PAPER["weight_decay"], rule,
+                       "no LR with 2+ seeds" + incomplete)
     worst = max(abs(d) / max(se, 1e-12) for d, se in diffs.values())
     mean_diff = float(np.mean([d for d, _ in diffs.values()]))
     verdict = HOLDS if worst <= 2.5 else FAILS

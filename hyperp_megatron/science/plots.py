@@ -46,12 +46,13 @@ def _sweep_panel(ax, ladder, title: str, xlabel: str = "base LR") -> None:
 
 
 def _clip_y(ax, ladder) -> None:
-    """Keep the minima readable: y up to the 3rd-best point of the worst sweep plus a margin."""
-    values = [v for _, s in ladder for losses in s.points.values() for v in [np.mean(losses)]]
+    """Keep the minima readable: cut off only far outliers (diverging LRs) above the bulk of the points."""
+    values = [float(np.mean(losses)) for _, s in ladder for losses in s.points.values()]
     if len(values) >= 3:
         low = min(values)
-        high = sorted(values)[min(len(values) - 1, int(0.8 * len(values)))]
-        ax.set_ylim(low - 0.02 * abs(low), high + 0.05 * (high - low + 1e-3))
+        high = min(max(values), low + 4 * (float(np.median(values)) - low) + 0.01)
+        margin = 0.05 * (high - low + 1e-3)
+        ax.set_ylim(low - margin, high + margin)
 
 
 def _no_minor_labels(ax) -> None:
@@ -233,7 +234,7 @@ def _norm_figure(analysis, out_dir, add, plt, experiments) -> None:
             if value is not None:
                 ax.plot([sweep.optimum.lr], [value], marker="*", ms=12, color=color, mec="black", mew=0.5)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        _no_minor_labels(ax)
         ax.set_xlabel("base LR")
         ax.set_ylabel("output layer RMS->inf norm (final)")
         ax.set_title(f"{experiment}: optimum starred", fontsize=9)

@@ -121,7 +121,8 @@ def _token_verdict(ladder, rows) -> C.Verdict:
     law = C.slope_across(ladder)
     rule = "holds if |exponent + 0.32| <= 2 sd with sd <= 0.15; does not hold if |exponent + 0.32| > 2 sd"
     if law is None:
-        return C.Verdict("token_law", C.OPEN, None, None, -0.32, rule, "fewer than 2 budgets fitted" + C._incomplete(rows))
+        return C.Verdict("token_law", C.OPEN, None, None, -0.32, rule,
+                         "fewer than 2 budgets fitted" + C._incomplete(rows))
     m, sd = law.slope, law.slope_sd
     verdict = C.HOLDS if abs(m + 0.32) <= 2 * sd and sd <= 0.15 else C.FAILS if abs(m + 0.32) > 2 * sd else C.OPEN
     edges = C._edges(ladder)
@@ -144,7 +145,8 @@ def _sqrt_gate_verdict(analysis: Analysis) -> C.Verdict:
         details[gate] = {"optimum_lr": {s.scale: s.optimum.lr for _, s in ladder if s.optimum},
                          "mlp_rms": {f"k{int(k)}": r for k, r in rms},
                          "lr_slope": laws[gate].to_dict() if laws[gate] else None,
-                         "rms_slope": power_law([k for k, _ in rms], [r for _, r in rms]).slope if len(rms) >= 2 else None}
+                         "rms_slope": (power_law([k for k, _ in rms], [r for _, r in rms]).slope
+                                       if len(rms) >= 2 else None)}
     gamma = {}
     for (_, scale), sweep in analysis.sweeps.get("moe_gamma", {}).items():
         for row in sweep.rows:
@@ -251,9 +253,11 @@ def _markdown(analysis: Analysis, claims: dict, table: list[dict], figures: dict
     for claim, body in claims["claims"].items():
         lines.append(f"| {body['title']} | {_fmt(body['measured'])} | {_fmt(body['uncertainty'])} | "
                      f"{_fmt(body['paper'])} | **{body['verdict']}** |")
-    lines += ["", "## How it was run", "", "```bash", *[f"{cmd}  # {what}" for what, cmd in commands.items()], "```", "",
+    lines += ["", "## How it was run", "", "```bash", *[f"{cmd}  # {what}" for what, cmd in commands.items()],
+              "```", "",
               "Setup: " + "; ".join(analysis.notes), "",
-              "Experiments (each run: the base config plus these overrides; grids of base LRs `center * factor^k`):", ""]
+              "Experiments (each run: the base config plus these overrides; grids of base LRs "
+              "`center * factor^k`):", ""]
     for experiment in spec.experiments:
         variants = ", ".join(f"{v.name} (grid {v.lr_grid.values()[0]:g}..{v.lr_grid.values()[-1]:g}, "
                              f"{v.lr_grid.points} points{', ' + str(v.overrides) if v.overrides else ''})"
@@ -271,7 +275,8 @@ def _markdown(analysis: Analysis, claims: dict, table: list[dict], figures: dict
             lines += ["", "<details><summary>details</summary>", "", "```json",
                       json.dumps(body["details"], indent=1, default=_json_default)[:6000], "```", "</details>"]
     lines += ["", "## Every fitted optimum", "",
-              "| experiment | variant | scale | runs | base LR* (1 sd band) | loss at LR* | fit | seeds | at grid edge |",
+              "| experiment | variant | scale | runs | base LR* (1 sd band) | loss at LR* | fit | seeds "
+              "| at grid edge |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         band = row["lr_band"]

@@ -1,7 +1,7 @@
 """LR sweeps over scale ladders (``tools/lr_sweep.py``): the spec, the run list, each run's folder, and a
 resumable local executor.
 
-A spec (YAML, e.g. ``configs/science/experiments.yaml``) names a base config, the LR key and experiments;
+A spec (YAML, e.g. ``sweeps/science.yaml``) names a base config, the LR key and experiments;
 an experiment is a grid ``scale x variant x LR x seed`` of dotted-key overrides (see that file's header).
 :func:`plan` turns it into an ordered, de-duplicated list of :class:`SweepRun`: runs with identical
 overrides are trained once and serve every experiment that lists them. A run's folder
@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -77,9 +78,10 @@ class Experiment:
 @dataclass(frozen=True)
 class Spec:
     path: Path
-    base_config: Path
+    base_config: Path  # resolved (loadable from the working directory)
     lr_key: str
     experiments: tuple[Experiment, ...]
+    base_config_name: str = ""  # as written in the spec: part of every run key, whatever the working directory
 
     def experiment(self, name: str) -> Experiment:
         for experiment in self.experiments:
@@ -136,15 +138,19 @@ def load_spec(path: str | Path) -> Spec:
         if key not in raw:
             raise ValueError(f"{path}: missing '{key}'")
     base = Path(raw["base_config"])
-    if not base.is_absolute() and not base.is_file():
-        base = path.parent / base  # relative to the spec when not found from the working directory
-    if not base.is_file():
+    # relative paths: from the working directory, else from the spec's folder or its parent (the repository
+    # root for sweeps/*.yaml)
+    for candidate in (base, path.parent / base, path.parent.parent / base):
+        if candidate.is_file():
+            base = candidate
+            break
+    else:
         raise ValueError(f"{path}: base_config {raw['base_config']} not found")
     experiments = tuple(_experiment(e, i) for i, e in enumerate(raw["experiments"]))
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: experiment names must be unique, got {names}")
-    return Spec(path, base, raw.get("lr_key", "optim.lr"), experiments)
+    return Spec(path, base, raw.get("lr_key", "optim.lr"), experiments, str(raw["base_config"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +184,7 @@ class SweepRun:
         return out
 
 
-def run_key(base_config: Path, overrides: dict) -> str:
+def run_key(base_config: str, overrides: dict) -> str:
     text = json.dumps({"base": str(base_config), "overrides": overrides}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -201,7 +207,7 @@ def plan(spec: Spec, only: list[str] | None = None) -> list[SweepRun]:
                         overrides = {**experiment.common, **scale_overrides, **source.overrides,
                                      spec.lr_key: lr, "train.seed": seed}
                         overrides = dict(sorted(overrides.items()))
-                        key = run_key(spec.base_config, overrides)
+                        key = run_key(spec.base_config_name or str(spec.base_config), overrides)
                         run = runs.setdefault(key, SweepRun(key, overrides))
                         run.memberships.append(Membership(experiment.name, variant.name, scale, lr, seed))
     return list(runs.values())
@@ -216,11 +222,11 @@ def estimated_flops(spec: Spec, run: SweepRun) -> float:
     from hyperp_megatron.config import load_config
     from hyperp_megatron.transfer import derive
 
-    cfg = load_config(spec.base_config, {k: v for k, v in _nested(run.overrides).items()})
+    cfg = load_config(spec.base_config, {k: v for k, v in nested_overrides(run.overrides).items()})
     return derive(cfg, 1).train_flops * (1.6 if cfg.model.moe.enabled else 1.0)  # MoE: routing (CPU time, measured)
 
 
-def _nested(dotted: dict) -> dict:
+def nested_overrides(dotted: dict) -> dict:
     nested: dict = {}
     for key, value in dotted.items():
         node = nested
@@ -271,10 +277,29 @@ def command(spec: Spec, run: SweepRun, results: Path, trainer: list[str], shared
     return [*trainer, "--config", str(spec.base_config), *run.argv(), *extra]
 
 
+PID_FILE = "pid"
+
+
+def _stop_orphan(folder: Path) -> None:
+    """A trainer left running by a sweep that was killed (SIGKILL, a lost shell) would write into the folder
+    we are about to reuse: stop it, if its command line still names this folder."""
+    try:
+        pid = int((folder / PID_FILE).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return
+    if str(folder) in cmdline:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # its own session (start_new_session): the trainer and its children
+        except OSError:
+            pass
+
+
 def prepare_folder(run: SweepRun, results: Path, shared_data: Path) -> Path:
     """A clean folder for a run that has not finished, with its identity and the shared data linked."""
     folder = run_dir(results, run)
     if folder.exists():
+        _stop_orphan(folder)
         shutil.rmtree(folder)  # an interrupted or failed attempt: start over (no checkpoints are kept)
     folder.mkdir(parents=True)
     identity = {"key": run.key, "overrides": run.overrides,
@@ -373,6 +398,7 @@ def run_local(spec: Spec, runs: list[SweepRun], results: Path, *, jobs: int, tra
                     proc = subprocess.Popen(command(spec, run, results, trainer, shared_data, save_checkpoints),
                                             stdout=out, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
+                (folder / PID_FILE).write_text(str(proc.pid))
                 active[run.key] = (run, proc, folder, time.time())
             time.sleep(poll_s)
             for key, (run, proc, folder, started) in list(active.items()):
@@ -424,7 +450,7 @@ def prepare_shared_data(spec: Spec, runs: list[SweepRun], shared_data: Path) -> 
 
     vocab_sizes = set()
     for run in runs:
-        cfg = load_config(spec.base_config, _nested(run.overrides))
+        cfg = load_config(spec.base_config, nested_overrides(run.overrides))
         if not cfg.data.prefixes:
             vocab_sizes.add(cfg.data.embedded_vocab_size)
     if vocab_sizes:
