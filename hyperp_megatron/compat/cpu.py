@@ -255,6 +255,19 @@ def _patch_moe() -> None:
         dispatcher.maybe_move_tensor_to_cpu = move_to_host
 
 
+def _patch_rng_tracker_set_state() -> None:
+    """``tensor_parallel.random._set_cuda_rng_state`` sets the CUDA generator through ``torch._C`` or
+    ``torch.cuda._lazy_call``, which on a CPU-only build queues the call forever: the tracker's ``fork()``
+    would not switch streams. On the CPU the tracker's streams are CPU generator states (the stand-in
+    ``torch.cuda`` above), so set the CPU generator."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    tp_random._set_cuda_rng_state = set_state
+
+
 def apply() -> None:
     """Make megatron-core run on the CPU with gloo (idempotent). Only for a process whose device is the
     CPU: inside the listed modules ``torch.cuda`` then means the CPU. Selected by
@@ -272,5 +285,6 @@ def apply() -> None:
             module.torch = cpu_torch
     for module_name, qualname in _FUNCTIONS_USING_CUDA_TYPES:
         _wrap_function(importlib.import_module(module_name), qualname)
+    _patch_rng_tracker_set_state()
     _patch_moe()
     _APPLIED = True
