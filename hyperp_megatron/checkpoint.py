@@ -15,8 +15,9 @@ writes the manifest, renames the directory, then replaces ``latest``. A kill at 
 either the previous ``latest`` or the new complete one. On load the manifest is checked; a corrupt
 or truncated checkpoint is reported and the previous complete one is used.
 
-What a resume guarantees. On the CPU, and on a GPU with ``train.deterministic``, a run resumed in the
-same layout is bit-identical to the uninterrupted one (weights digest). On a GPU without deterministic
+What a resume guarantees. On the CPU with one intra-op thread per process, and on a GPU with
+``train.deterministic``, a run resumed in the same layout is bit-identical to the uninterrupted one
+(weights digest; ``tests/test_resilience.py``, ``bench/gpu_check.py``). On a GPU without deterministic
 algorithms, cuBLAS / atomics reduction orders vary from run to run, so a resumed run's next losses
 equal the uninterrupted run's within 1e-4 relative (fp32; checked by ``bench/gpu_check.py``). In another
 layout the weights and optimizer state reshard exactly, but the RNG streams are not restored (they
