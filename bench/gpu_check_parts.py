@@ -222,7 +222,8 @@ def optimizer_step(check) -> dict:
         tensors = params()
         return SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=0.02, ns_compute_dtype=dtype)
 
-    optimizers = {"sphere_fp32_ns": sphere("sphere_muon", None), "sphere_bf16_ns": sphere("sphere_muon", torch.bfloat16),
+    optimizers = {"sphere_fp32_ns": sphere("sphere_muon", None),
+                  "sphere_bf16_ns": sphere("sphere_muon", torch.bfloat16),
                   "muon_bf16_ns": sphere("muon", torch.bfloat16),
                   "torch_muon": torch.optim.Muon(params(), lr=0.02, weight_decay=0.0),
                   "torch_adamw": torch.optim.AdamW(params(), lr=0.02, betas=(0.9, 0.95), weight_decay=0.0)}

@@ -50,7 +50,8 @@ def test_layout_key_names_the_layout_and_device(pg_collection):
 def test_every_stream_round_trips(tmp_path, pg_collection):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    assert {"model-parallel-rng", "expert-parallel-rng", "data-parallel-rng"} <= set(get_cuda_rng_tracker().get_states())
+    streams = set(get_cuda_rng_tracker().get_states())
+    assert {"model-parallel-rng", "expert-parallel-rng", "data-parallel-rng"} <= streams
     expected, after, problem = _round_trip(tmp_path, pg_collection)
     assert problem is None
     assert after == expected

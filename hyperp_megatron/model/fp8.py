@@ -25,7 +25,9 @@ def check_fp8(train: TrainConfig, use_te: bool, have_te: bool, device: torch.dev
     need = MIN_COMPUTE_CAPABILITY[train.fp8_recipe]
     problem = None
     if device.type != "cuda":
-        problem = f"this run's device is {device.type}" + ("" if have_te else " and Transformer Engine is not installed")
+        problem = f"this run's device is {device.type}"
+        if not have_te:
+            problem += " and Transformer Engine is not installed"
     elif not have_te:
         problem = "Transformer Engine is not installed"
     elif not use_te:

@@ -99,7 +99,8 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: Config, pg_collection, vocab_size: int, device: torch.device | None = None) -> list[torch.nn.Module]:
+def build_model(cfg: Config, pg_collection, vocab_size: int,
+                device: torch.device | None = None) -> list[torch.nn.Module]:
     """The model chunk(s) of this pipeline stage on ``device`` (default: the process group's), initialized
     identically for every parallel layout and device."""
     device = _device_or_default(device)
