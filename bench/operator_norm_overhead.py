@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     env, cfg, session, iterator, _ = build(args.config, overrides, steps=args.reps + 3)
     monitors = {mode: OperatorNormMonitor(mode, cfg.monitor.power_iterations, session.model_chunks,
                                           session.optimizer, session.pg_collection) for mode in ("output", "all")}
+    device = next(session.model_chunks[0].parameters()).device
     for _ in range(2):
         session.runner.train_step(iterator)
     for monitor in monitors.values():
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                 session.runner.train_step(iterator)
             else:
                 records[name] = monitors[name].records()
-            if torch.cuda.is_available():
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             samples[name].append(time.perf_counter() - started)
     step = statistics.median(samples["step"])
