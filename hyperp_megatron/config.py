@@ -93,6 +93,9 @@ class ModelConfig:
     """RMSNorm over the head dim on queries and keys, before RoPE."""
     gated_attention: bool = False
     """Per-head sigmoid output gate (HyperP optional)."""
+    fp32_residual: bool = True
+    """Keep the residual stream in fp32 in bf16 runs, as the HyperP reference (norms read it in fp32 and
+    hand bf16 to the linear layers; model/residual.py). No effect in fp32 runs."""
     init_method_std: float = 0.02
     """Init std for 'standard' parameterization (and the output layer under HyperP)."""
     transformer_impl: str = "auto"
@@ -207,9 +210,10 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup steps."""
     weight_decay: float = 0.0
-    """Decoupled weight decay of the matrix rules: the sphere matrices under sphere_muon (a first-order no-op
-    that cannot shrink the sphere), the baseline's wd0 under muon (wd0 d0/d with hyperp.enabled), all
-    decaying params under adamw. Embeddings and norm gains never decay under sphere_muon / muon."""
+    """Decoupled weight decay of the matrix rules: the sphere matrices under sphere_muon (eta(t) wd per step, a
+    first-order no-op that cannot shrink the sphere), the baseline's wd0 under muon (lambda = wd0 d0/d with
+    hyperp.enabled, applied as (eta(t)/eta_peak) lambda per step, independent of the LR's size, as the
+    reference), all decaying params under adamw. Embeddings and norm gains never decay under sphere_muon / muon."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.95
@@ -222,10 +226,15 @@ class OptimConfig:
     """Muon momentum (Nesterov)."""
     ns_mode: str = "gather"
     """Tensor-parallel Newton-Schulz: 'gather' or 'distributed' (Gram all-reduce)."""
+    expert_sphere: str = "per_expert"
+    """Routed-expert spheres under sphere_muon: 'per_expert' (each expert its own sphere; results do not
+    depend on EP) or 'per_layer' (all routed experts of a layer on one sphere, as the reference's block of
+    experts on one GPU, made EP-invariant by an all-reduce over the expert-parallel group; an ablation)."""
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sphere_muon", "muon", "adamw"))
         _check_choice("optim.ns_mode", self.ns_mode, ("gather", "distributed"))
+        _check_choice("optim.expert_sphere", self.expert_sphere, ("per_expert", "per_layer"))
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -352,6 +361,13 @@ class MonitorConfig:
     """Attention Z: query heads, evenly spaced over all heads (0 = every head)."""
     outlier_sigma: float = 5.0
     """A branch-output element is an outlier when |x - mu_t| > outlier_sigma * sigma_t (per token)."""
+    operator_norms: str = "output"
+    """Operator norms logged with the indicators (``operator_norms.py``): 'output' (the output layer's
+    RMS->infinity norm sqrt(fan_in) max_i ||row_i|| and RMS->RMS norm sqrt(fan_in/fan_out) sigma_max),
+    'all' (also every hidden matrix's RMS->RMS norm and sigma_max / ||W||_F) or 'off'."""
+    power_iterations: int = 2
+    """Power iterations per monitor step for sigma_max (the vector is kept between monitor steps; a matrix's
+    first estimate gets 5x as many)."""
     max_consecutive_skips: int = 5
     """Stop the run (non-zero exit) after this many consecutive steps with a non-finite loss or
     gradient norm (each such step is skipped: weights and optimizer state stay unchanged)."""
@@ -362,6 +378,9 @@ class MonitorConfig:
                 raise ValueError(f"monitor.{name} must be >= 0, got {getattr(self, name)}")
         if not self.outlier_sigma > 0:
             raise ValueError(f"monitor.outlier_sigma must be > 0, got {self.outlier_sigma}")
+        _check_choice("monitor.operator_norms", self.operator_norms, ("off", "output", "all"))
+        if self.power_iterations < 1:
+            raise ValueError(f"monitor.power_iterations must be >= 1, got {self.power_iterations}")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"monitor.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
 
@@ -574,6 +593,9 @@ def validate(cfg: Config, world_size: int) -> None:
                              "(Megatron's MoE layer refuses to train without it)")
         if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
             raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
+        if cfg.optim.expert_sphere == "per_layer" and p.distributed_optimizer and cfg.optim.name == "sphere_muon":
+            raise ValueError("optim.expert_sphere per_layer does not work with parallel.distributed_optimizer "
+                             "(layer-wise updates split a layer's experts over ranks): use per_expert or turn it off")
     elif p.expert > 1:
         raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
     for prefix in cfg.data.prefixes:

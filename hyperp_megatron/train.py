@@ -123,7 +123,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
               for chunk in chunks]
     tf_config.no_sync_func = chunks[0].no_sync
     tf_config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(cfg, chunks, pg_collection)
+    optimizer = build_optimizer(cfg, chunks, pg_collection, peak_lr=peak_lr)
 
     dp_size = data_parallel_size(cfg, world_size)
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)

@@ -14,6 +14,7 @@ from hyperp_megatron.config import Config
 from hyperp_megatron.model.fp8 import check_fp8, fp8_config_kwargs
 from hyperp_megatron.model.init import initialize_parameters
 from hyperp_megatron.model.moe import use_grouped_gemm
+from hyperp_megatron.model.residual import keep_residual_stream_fp32
 from hyperp_megatron.model.spec import HAVE_TE, build_layer_spec, softmax_scale, use_transformer_engine
 from hyperp_megatron.transfer import muon_logit_multiplier
 
@@ -69,7 +70,9 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
         init_method_std=m.init_method_std,
         params_dtype=torch.float32,
         bf16=cfg.train.precision == "bf16",
-        pipeline_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
+        # bf16 runs keep the residual stream (which pipeline stages exchange) in fp32 by default (residual.py).
+        fp32_residual_connection=fp32_residual(cfg),
+        pipeline_dtype=torch.bfloat16 if cfg.train.precision == "bf16" and not fp32_residual(cfg) else torch.float32,
         use_cpu_initialization=not on_gpu,
         # Fused kernels only where they exist (GPU, kernel module importable): compat.without_te.
         **fused_kernel_flags(device),
@@ -123,12 +126,19 @@ def build_model(cfg: Config, pg_collection, vocab_size: int,
         pg_collection=pg_collection,
     )
     initialize_parameters(model, cfg, pg_collection)
+    if fp32_residual(cfg):
+        keep_residual_stream_fp32(model)
     # As Megatron-LM's get_model: the whole model onto the device right after construction, before DDP
     # and the optimizer wrap it (TP layers are created on the GPU, torch norms and buffers on the CPU).
     model.to(device)
     if model.post_process and output_logit_multiplier(cfg) != 1.0:
         scale_output_logits(model, output_logit_multiplier(cfg))
     return [model]
+
+
+def fp32_residual(cfg: Config) -> bool:
+    """Whether the residual stream is kept in fp32 (``model.fp32_residual`` in a bf16 run)."""
+    return cfg.train.precision == "bf16" and cfg.model.fp32_residual
 
 
 def output_logit_multiplier(cfg: Config) -> float:

@@ -2,7 +2,8 @@
 plugged in through extension points, not forks.
 
 - residual-branch multiplier ``1/sqrt(2d)``: a bias-dropout-add factory that scales the branch output
-  (``TransformerLayerSubmodules.self_attn_bda`` / ``mlp_bda``);
+  (``TransformerLayerSubmodules.self_attn_bda`` / ``mlp_bda``) and adds it in the residual's dtype (fp32
+  residual stream, ``residual.py``);
 - QK-norm: Megatron's ``q_layernorm`` / ``k_layernorm`` slots (RMSNorm over the head dim, applied in
   ``get_query_key_value_tensors``, i.e. before RoPE);
 - softmax scale ``sqrt(hd0)/hd``: ``TransformerConfig.softmax_scale``;
@@ -59,15 +60,18 @@ def _scaled_bias_dropout_add(multiplier: float, training: bool, fused: bool):
 
     def scaled(x_with_bias, residual, prob):
         x, bias = x_with_bias
-        x = x * multiplier
-        bias = None if bias is None else bias * multiplier
+        # In the residual's dtype: Megatron's bias-dropout-add casts the residual to the branch's dtype, which
+        # would round an fp32 residual stream (model.fp32_residual) to bf16 at every add.
+        x = x.to(residual.dtype) * multiplier
+        bias = None if bias is None else bias.to(residual.dtype) * multiplier
         return inner((x, bias), residual, prob)
 
     return scaled
 
 
 def scaled_bda(multiplier: float):
-    """A drop-in for Megatron's ``get_bias_dropout_add`` that multiplies the branch by ``multiplier``.
+    """A drop-in for Megatron's ``get_bias_dropout_add`` that multiplies the branch by ``multiplier`` and adds
+    it in the residual stream's dtype (fp32 with ``model.fp32_residual`` in bf16 runs, ``model/residual.py``).
 
     A plain function (not a partial): Megatron's ``build_module`` returns functions as they are.
     """
@@ -104,10 +108,9 @@ def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None,
     else:
         spec = get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=cfg.qk_norm,
                                         normalization="RMSNorm")
-    if cfg.hyperp_architecture:
-        bda = scaled_bda(branch_multiplier(cfg))
-        spec.submodules.self_attn_bda = bda
-        spec.submodules.mlp_bda = bda
+    bda = scaled_bda(branch_multiplier(cfg))  # multiplier 1 for 'standard': only the residual-dtype add
+    spec.submodules.self_attn_bda = bda
+    spec.submodules.mlp_bda = bda
     if cfg.gated_attention:
         spec.submodules.self_attention = gated_attention_spec(spec.submodules.self_attention,
                                                               ColumnParallelLinear, normalize_gate_input=use_te)
