@@ -230,9 +230,11 @@ def lr_at(step: int, total_steps: int, peak: float, min_ratio: float = 0.1, warm
 
 
 def muon_weight_decay(base_weight_decay: float, depth: int, base_depth: int) -> float:
-    """Muon-baseline decoupled weight decay ``lambda = wd0 * d0 / d`` (HYPERP.md section 3; reference
-    ``weight_decay * d0 / depth`` for Muon, after arXiv 2512.05620). Not used by sphere Muon,
-    where weight decay is a first-order no-op (default 0)."""
+    """Muon-baseline weight decay ``lambda = wd0 * d0 / d`` (HYPERP.md section 3; reference
+    ``weight_decay * d0 / depth`` for Muon, after arXiv 2512.05620), applied "independently" of the LR's
+    size: the weights shrink by ``(eta(t) / eta_peak) * lambda`` per step (reference: its group weight decay
+    is ``lambda / eta_peak``, times the group LR ``eta(t)``), so a reference ``wd0`` carries over unchanged.
+    Not used by sphere Muon, where weight decay is a first-order no-op (default 0)."""
     if base_weight_decay < 0:
         raise ValueError(f"base weight decay must be >= 0, got {base_weight_decay}")
     return base_weight_decay * depth_factor(depth, base_depth) ** 2
@@ -246,7 +248,8 @@ def muon_logit_multiplier(depth: int, base_depth: int) -> float:
 def muon_baseline_lr(base_lr: float, *, depth: int, base_depth: int, batch_tokens: float,
                      base_batch_tokens: float, depth_rule: bool = True, batch_rule: bool = True) -> float:
     """Muon-baseline LR ``eta0 * sqrt(B/B0) * sqrt(d0/d)``: the same depth factor, no token factor
-    (HYPERP.md section 3). Its step is ``W (1 - eta lambda) - eta sqrt(fan_out/fan_in) O``."""
+    (HYPERP.md section 3). Its step is ``W (1 - (eta(t)/eta_peak) lambda) - eta(t) sqrt(fan_out/fan_in) O``
+    with ``lambda`` = :func:`muon_weight_decay`."""
     return hyperp_lr(base_lr, depth=depth, base_depth=base_depth, tokens=1.0, base_tokens=1.0,
                      batch_tokens=batch_tokens, base_batch_tokens=base_batch_tokens,
                      depth_rule=depth_rule, token_rule=False, batch_rule=batch_rule)

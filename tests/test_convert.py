@@ -38,8 +38,8 @@ VARIANTS = {  # name: (model overrides, the exact target auto must pick)
     "moe_sqrt_top1_shared_gated": ({"gated_attention": True, "moe": MOE_SHARED}, "qwen3_next"),
     "moe_sqrt_top1_no_shared": ({"moe": {"sparsity": 4, "granularity": 1}}, "qwen3_next"),
     "moe_sqrt_top2": ({"moe": {"sparsity": 2, "granularity": 2}}, "hyperp"),
-    "moe_sqrt_top2_no_qk_norm_gated": ({"qk_norm": False, "gated_attention": True, "moe": MOE_SHARED | {"granularity": 3},
-                                        "ffn_hidden_size": 192}, "hyperp"),
+    "moe_sqrt_top2_no_qk_norm_gated": ({"qk_norm": False, "gated_attention": True, "ffn_hidden_size": 192,
+                                        "moe": MOE_SHARED | {"granularity": 3}}, "hyperp"),
 }
 TARGETS = ("qwen3", "llama", "qwen3_next", "hyperp")
 RESULTS: dict = {}
@@ -329,7 +329,8 @@ def test_bad_hf_directories(exported, tmp_path):
         return directory
 
     cases = {
-        "unknown_arch": (variant("a", lambda c: c.update(architectures=["GPT2LMHeadModel"])), "unsupported architecture"),
+        "unknown_arch": (variant("a", lambda c: c.update(architectures=["GPT2LMHeadModel"])),
+                         "unsupported architecture"),
         "vocab": (variant("b", lambda c: c.update(vocab_size=4096)), "vocab mismatch"),
         "no_tokenizer": (variant("c", drop=["tokenizer.json"]), "missing tokenizer"),
         "shape": (variant("d", lambda c: c["hyperp_megatron"]["config"]["model"].update(ffn_hidden_size=128)),

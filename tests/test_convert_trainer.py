@@ -105,7 +105,8 @@ def layouts_worker(rank: int, world_size: int, root: str, cases: dict) -> dict:
         validate(cfg, world_size)
         try:
             losses = train(cfg, world_size, rank)["losses"]
-            logits = logits_in_layout(cfg, run_dir / "checkpoints" / f"step_{STEPS:06d}", eval_tokens(cfg.model.seq_length))
+            final = run_dir / "checkpoints" / f"step_{STEPS:06d}"
+            logits = logits_in_layout(cfg, final, eval_tokens(cfg.model.seq_length))
         finally:
             parallel_state.destroy_model_parallel()
         results[name] = {"losses": losses, "logits": logits}
@@ -227,7 +228,8 @@ def test_trainer_continues_from_import_with_imported_radii(world, embedded_corpu
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["logging"]["run_dir"] == str(run.resolve())
     overrides = merge(config, {"parallel": {"tensor": 2}, "optim": {"name": "sphere_muon", "lr": 0.02},
-                               "train": {"steps": 3, "eval_interval": 0}, "data": {"cache_dir": os.path.join(REPO, "data")},
+                               "train": {"steps": 3, "eval_interval": 0},
+                               "data": {"cache_dir": os.path.join(REPO, "data")},
                                "checkpoint": {"save_final": True, "resume": True, "keep": 0}})
     overrides["data"].pop("tokenizer")  # the embedded corpus, tokenized with this same tokenizer
     results = run_distributed(continue_worker, 2, overrides)

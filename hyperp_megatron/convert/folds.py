@@ -2,13 +2,15 @@
 
 For an exact standard target (Qwen3, Llama, Qwen3-Next) the export multiplies (and the import divides):
 
-| factor | into | value |
-|---|---|---|
-| ``attention_out`` | ``o_proj`` | residual-branch multiplier ``1/sqrt(2d)`` (HyperP / muon; 1 under standard) |
-| ``mlp_down`` | dense ``down_proj`` / each routed expert's ``down_proj`` | branch multiplier x shared-expert mix (SqrtGate with a shared expert: ``sqrt(1/2)``) |
-| ``shared_down`` | the shared expert's ``down_proj`` | branch x mix / 0.5 (Qwen3-Next's shared gate is ``sigmoid(0) = 1/2`` with a zero gate row) |
-| ``query`` | the q-norm gain (QK-norm) or the ``q_proj`` rows | our softmax scale / HF's ``head_dim^-0.5`` = ``sqrt(128 / head_dim)`` under HyperP |
-| ``lm_head`` | ``lm_head`` | the Muon baseline's logit multiplier ``d0/d`` |
+- ``attention_out`` into ``o_proj``: the residual-branch multiplier ``1/sqrt(2d)`` (HyperP / muon; 1 under
+  standard);
+- ``mlp_down`` into the dense ``down_proj`` or each routed expert's: the branch multiplier x the shared-expert
+  mix (SqrtGate with a shared expert: ``sqrt(1/2)``);
+- ``shared_down`` into the shared expert's ``down_proj``: branch x mix / 0.5 (Qwen3-Next's shared gate is
+  ``sigmoid(0) = 1/2`` with a zero gate row);
+- ``query`` into the q-norm gain (QK-norm) or the ``q_proj`` rows: our softmax scale over HF's
+  ``head_dim^-0.5``, ``sqrt(128 / head_dim)`` under HyperP;
+- ``lm_head`` into ``lm_head``: the Muon baseline's logit multiplier ``d0/d``.
 
 Every factor is recorded in the export's ``config.json`` (``hyperp_megatron.folds``), so the import undoes
 exactly what was done. The custom ``hyperp`` target keeps the multipliers in its config instead (no folds).

@@ -63,9 +63,9 @@ class HyperPTarget(Target):
 
     def layer_to_hf(self, i: int, pieces: Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        out = {p + "input_layernorm.weight": pieces["attn_norm"], p + "post_attention_layernorm.weight": pieces["mlp_norm"],
-               a + "q_proj.weight": pieces["q"], a + "k_proj.weight": pieces["k"], a + "v_proj.weight": pieces["v"],
-               a + "o_proj.weight": pieces["o"]}
+        out = {p + "input_layernorm.weight": pieces["attn_norm"],
+               p + "post_attention_layernorm.weight": pieces["mlp_norm"]}
+        out.update({a + f"{x}_proj.weight": pieces[x] for x in ("q", "k", "v", "o")})
         if cfg.model.qk_norm:
             out.update({a + "q_norm.weight": pieces["q_norm"], a + "k_norm.weight": pieces["k_norm"]})
         if cfg.model.gated_attention:
@@ -75,16 +75,17 @@ class HyperPTarget(Target):
 
     def top_from_hf(self, read: Reader, hf_config: dict) -> dict[str, torch.Tensor]:
         vocab, hidden = hf_config["vocab_size"], hf_config["hidden_size"]
-        return {"embed": read("model.embed_tokens.weight", vocab, hidden), "final_norm": read("model.norm.weight", hidden),
-                "lm_head": read("lm_head.weight", vocab, hidden)}
+        return {"embed": read("model.embed_tokens.weight", vocab, hidden),
+                "final_norm": read("model.norm.weight", hidden), "lm_head": read("lm_head.weight", vocab, hidden)}
 
     def layer_from_hf(self, i: int, read: Reader, cfg: Config) -> dict[str, torch.Tensor]:
         m = cfg.model
         H, G, hd, C = m.num_attention_heads, m.num_query_groups, m.kv_channels, m.hidden_size
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        out = {"attn_norm": read(p + "input_layernorm.weight", C), "mlp_norm": read(p + "post_attention_layernorm.weight", C),
-               "q": read(a + "q_proj.weight", H * hd, C), "k": read(a + "k_proj.weight", G * hd, C),
-               "v": read(a + "v_proj.weight", G * hd, C), "o": read(a + "o_proj.weight", C, H * hd)}
+        out = {"attn_norm": read(p + "input_layernorm.weight", C),
+               "mlp_norm": read(p + "post_attention_layernorm.weight", C), "q": read(a + "q_proj.weight", H * hd, C),
+               "k": read(a + "k_proj.weight", G * hd, C), "v": read(a + "v_proj.weight", G * hd, C),
+               "o": read(a + "o_proj.weight", C, H * hd)}
         if m.qk_norm:
             out.update(q_norm=read(a + "q_norm.weight", hd), k_norm=read(a + "k_norm.weight", hd))
         if m.gated_attention:

@@ -56,7 +56,8 @@ def _run_config(hf_config: dict, adapter, parameterization: str | None, seq_leng
     else:
         parameterization = parameterization or "standard"
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"--parameterization must be one of {', '.join(PARAMETERIZATIONS)}; got {parameterization!r}")
+            raise ValueError(f"--parameterization must be one of {', '.join(PARAMETERIZATIONS)}; "
+                             f"got {parameterization!r}")
         run = {"model": {**adapter.model_config_from_hf(hf_config), "parameterization": parameterization}}
     if seq_length is not None:
         run["model"]["seq_length"] = int(seq_length)
@@ -83,7 +84,8 @@ def import_hf(hf_dir: str | Path, output: str | Path, parameterization: str | No
         raise ValueError(f"missing tokenizer: {hf_dir} has no tokenizer.json (the trainer needs the model's tokenizer)")
     _, _, tokenizer_vocab = special_token_ids(hf_dir)
     if tokenizer_vocab > vocab:
-        raise ValueError(f"vocab mismatch: the tokenizer has {tokenizer_vocab} tokens, the model's vocab_size is {vocab}")
+        raise ValueError(f"vocab mismatch: the tokenizer has {tokenizer_vocab} tokens, the model's vocab_size "
+                         f"is {vocab}")
     if block is None:  # the trainer reads data with this tokenizer (data.prefixes: the user's data)
         run["data"] = {**run.get("data", {}), "tokenizer": str(output.resolve() / "tokenizer")}
     read = TensorReader(hf_dir)

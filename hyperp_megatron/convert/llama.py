@@ -112,8 +112,10 @@ class LlamaTarget(Target):
         """Our ``model`` section for a checkpoint of this family from elsewhere ('standard' parameterization:
         no multipliers, softmax scale ``head_dim^-0.5``, exactly the HF forward)."""
         hf = hf_config
-        require(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r}: our MLP is SwiGLU (silu)")
-        require(not hf.get("attention_bias") and not hf.get("mlp_bias"), "attention / MLP biases: our linears have none")
+        require(hf.get("hidden_act", "silu") == "silu",
+                f"hidden_act {hf.get('hidden_act')!r}: our MLP is SwiGLU (silu)")
+        require(not hf.get("attention_bias") and not hf.get("mlp_bias"),
+                "attention / MLP biases: our linears have none")
         require(not hf.get("use_sliding_window") and all(t == "full_attention" for t in hf.get("layer_types") or []),
                 "sliding-window attention layers: our attention is full causal attention")
         heads = hf["num_attention_heads"]

@@ -30,6 +30,8 @@ from hyperp_megatron import checkpoint as ckpt
 from hyperp_megatron.config import Config, load_config
 
 LAYER_PREFIX = "decoder.layers.{}."
+CPU = torch.device("cpu")
+"""The converter's device, also on a machine with GPUs."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,16 +117,14 @@ def describe(path: str | Path) -> Source:
 
 @contextlib.contextmanager
 def single_process_world(seed: int = 0):
-    """torch.distributed (gloo, world size 1) and Megatron's parallel state at TP = PP = EP = 1; reuses
+    """torch.distributed (gloo, world size 1) and Megatron's parallel state at TP = PP = EP = 1 on the CPU; reuses
     both when the caller already set them up (tests), tears down only what it started."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from hyperp_megatron.compat import apply_cpu_patches
     from hyperp_megatron.config import ParallelConfig
     from hyperp_megatron.parallel import init_model_parallel
 
-    apply_cpu_patches()
     started, store_dir = False, None
     if not dist.is_initialized():
         store_dir = tempfile.mkdtemp(prefix="hyperp-convert-")
@@ -134,7 +134,7 @@ def single_process_world(seed: int = 0):
         raise RuntimeError("the converter runs in one process; torch.distributed has a larger world here")
     owns_state = not parallel_state.model_parallel_is_initialized()
     try:
-        pg_collection = init_model_parallel(ParallelConfig(), seed)
+        pg_collection = init_model_parallel(ParallelConfig(), seed, device=CPU)  # applies the CPU patches
         if pg_collection.tp.size() != 1 or pg_collection.pp.size() != 1 or pg_collection.ep.size() != 1:
             raise RuntimeError("Megatron's parallel state is initialized with a parallel layout in this process")
         yield pg_collection
@@ -150,7 +150,7 @@ def build(cfg: Config, pg_collection, padded_vocab_size: int) -> torch.nn.Module
     """Our GPTModel in this process (fp32, CPU)."""
     from hyperp_megatron.model import build_model
 
-    (model,) = build_model(cfg, pg_collection, padded_vocab_size)
+    (model,) = build_model(cfg, pg_collection, padded_vocab_size, device=CPU)
     return model.eval()
 
 

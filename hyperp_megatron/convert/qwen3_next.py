@@ -116,7 +116,8 @@ class Qwen3NextTarget(Target):
         out = {"q": q_proj[:, :hd].reshape(H * hd, C), "k": read(a + "k_proj.weight", G * hd, C),
                "v": read(a + "v_proj.weight", G * hd, C), "o": read(a + "o_proj.weight", C, H * hd),
                "q_norm": read(a + "q_norm.weight", hd), "k_norm": read(a + "k_norm.weight", hd),
-               "attn_norm": read(p + "input_layernorm.weight", C), "mlp_norm": read(p + "post_attention_layernorm.weight", C)}
+               "attn_norm": read(p + "input_layernorm.weight", C),
+               "mlp_norm": read(p + "post_attention_layernorm.weight", C)}
         for name in _NORMS:
             out[name] = out[name] + NORM_OFFSET
         if m.gated_attention:
@@ -125,8 +126,9 @@ class Qwen3NextTarget(Target):
             out["gate"] = gate_rows[:, 0].contiguous()
         else:
             bias = read(a + "q_proj.bias", 2 * H * hd).view(H, 2 * hd)
+            other_biases = [read(a + f"{x}_proj.bias", n) for x, n in (("k", G * hd), ("v", G * hd), ("o", C))]
             require(not gate_rows.any() and bool((bias[:, hd:] == GATE_OPEN_BIAS).all()) and not bias[:, :hd].any()
-                    and not any(read(a + f"{x}_proj.bias", n).any() for x, n in (("k", G * hd), ("v", G * hd), ("o", C))),
+                    and not any(b.any() for b in other_biases),
                     f"layer {i}: the attention gate is not the always-open gate of an export without gated attention")
         out.update(mlp_from_hf(p, read, cfg))
         if m.moe.enabled:

@@ -50,9 +50,9 @@ class HyperPMoELayer(MoELayer):
         return output
 
 
-def grouped_gemm_available() -> bool:
-    """Transformer Engine's grouped linear (``TEGroupedMLP``) and a GPU are present."""
-    if not torch.cuda.is_available():
+def grouped_gemm_available(device: torch.device) -> bool:
+    """Transformer Engine's grouped linear (``TEGroupedMLP``) is importable and ``device`` is a GPU."""
+    if torch.device(device).type != "cuda":
         return False
     try:
         from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear
@@ -61,11 +61,11 @@ def grouped_gemm_available() -> bool:
     return TEColumnParallelGroupedLinear is not None
 
 
-def use_grouped_gemm(moe: MoEConfig) -> bool:
-    """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') on this machine."""
+def use_grouped_gemm(moe: MoEConfig, device: torch.device) -> bool:
+    """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') for ``device``."""
     if moe.grouped_gemm == "false":
         return False
-    available = grouped_gemm_available()
+    available = grouped_gemm_available(device)
     if moe.grouped_gemm == "true" and not available:
         raise ValueError("model.moe.grouped_gemm is true but Transformer Engine's grouped GEMM or a GPU is "
                          "unavailable; use 'auto' (grouped GEMM when available) or 'false'")
@@ -81,8 +81,9 @@ def _grouped_experts_spec(num_experts: int) -> ModuleSpec:
     return spec.submodules.experts
 
 
-def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None) -> ModuleSpec:
-    """HyperP's MoE layer spec from Megatron's (``base``, the ``mlp`` of a GPT layer spec).
+def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, grouped_gemm: bool = False) -> ModuleSpec:
+    """HyperP's MoE layer spec from Megatron's (``base``, the ``mlp`` of a GPT layer spec); ``grouped_gemm``:
+    TE's grouped-GEMM experts (resolved by :func:`use_grouped_gemm`).
 
     ``pg_collection`` is passed to the layer through the spec's params: Megatron's TransformerLayer
     hands its process groups only to the exact ``MoELayer`` class (0.16.1, ``transformer_layer.py``),
@@ -90,7 +91,7 @@ def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None) -> Modu
     """
     router = functools.partial(SqrtGateRouter, gate=moe.gate)
     submodules = dataclasses.replace(base.submodules, router=router)
-    if use_grouped_gemm(moe):
+    if grouped_gemm:
         submodules.experts = _grouped_experts_spec(moe.num_routed_experts)
     params = {"shared_expert_scale": SHARED_EXPERT_MIX if moe.gate == "sqrt" else 1.0}
     if pg_collection is not None:
@@ -103,14 +104,13 @@ def routers(model_chunks) -> list[SqrtGateRouter]:
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SqrtGateRouter)]
 
 
-def pop_local_aux_loss(model_chunks) -> torch.Tensor:
-    """Sum over this rank's MoE layers of their aux-loss shares since the last call (then reset).
+def pop_local_aux_loss(model_chunks, device: torch.device) -> torch.Tensor:
+    """Sum over this rank's MoE layers of their aux-loss shares since the last call (then reset), on
+    ``device`` (the one the process group's collectives accept).
 
     Summed over all ranks (TP x DP x PP) and divided by the data-parallel size and the number of
     micro-batches, this is ``sum over layers of L_aux`` of the step (see ``switch_load_balancing_loss``).
     """
-    # On the device the process group's collectives accept (NCCL: the current GPU).
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     total = torch.zeros((), dtype=torch.float64, device=device)
     for router in routers(model_chunks):
         value = router.pop_aux_loss()
