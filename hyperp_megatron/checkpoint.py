@@ -269,6 +269,8 @@ def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = T
     from megatron.core import dist_checkpointing
 
     meta = json.loads((ckpt_dir / STATE).read_text())
+    # A weights-only checkpoint (a Hugging Face import, hyperp_megatron.convert) starts a fresh optimizer.
+    load_optimizer = load_optimizer and not meta.get("weights_only", False)
     sharded = sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):

@@ -85,6 +85,8 @@ class ModelConfig:
     """Vocabulary size; default: the tokenizer's (padded to a multiple of 128 * TP)."""
     rotary_base: int = 10000
     """RoPE base."""
+    norm_epsilon: float = 1e-6
+    """Epsilon of every RMSNorm (layer norms, QK-norm); imported Llama checkpoints often use 1e-5."""
     parameterization: str = "hyperp"
     """'hyperp' (sphere init, 1/sqrt(2d) branch multiplier, softmax scale sqrt(128)/hd), 'muon' (the
     Muon baseline: the HyperP architecture with output logits multiplied by hyperp.base_depth / d) or
@@ -109,6 +111,8 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not self.norm_epsilon > 0:
+            raise ValueError(f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
