@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from hyperp_megatron.config import Config
 from hyperp_megatron.model.init import initialize_parameters
-from hyperp_megatron.model.moe import use_grouped_gemm
+from hyperp_megatron.model.moe import experts_impl
 from hyperp_megatron.model.spec import build_layer_spec, softmax_scale, use_transformer_engine
 from hyperp_megatron.transfer import muon_logit_multiplier
 
@@ -76,7 +76,7 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> Tran
             # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
             moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
-            moe_grouped_gemm=use_grouped_gemm(m.moe),
+            moe_grouped_gemm=experts_impl(m.moe, on_gpu) == "te_grouped",  # Megatron's flag means TE's
         )
     return TransformerConfig(**kwargs)
 
@@ -85,7 +85,9 @@ def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Mo
     """The model chunk(s) of this pipeline stage, initialized identically for every parallel layout."""
     use_te = use_transformer_engine(cfg.model.transformer_impl, cfg.train.fp8)
     tf_config = transformer_config(cfg, pg_collection, use_te)
-    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection)
+    # Megatron allocates the parameters where the run computes (use_cpu_initialization: on the CPU).
+    on_gpu = not tf_config.use_cpu_initialization
+    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection, on_gpu=on_gpu)
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(
