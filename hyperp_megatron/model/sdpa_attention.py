@@ -5,7 +5,7 @@ A drop-in for Megatron's local ``DotProductAttention`` (megatron-core 0.16.1): t
 softmax_scale, pg_collection``) and forward (``query, key, value, attention_mask, attn_mask_type=,
 attention_bias=, packed_seq_params=``), the same ``[s, b, heads, head_dim]`` inputs and
 ``[s, b, heads * head_dim]`` output. Megatron's version materializes the ``b x heads x s x s`` scores
-(``transfer.activation_bytes_per_token_layer``); SDPA dispatches to a fused kernel that does not:
+(``transfer.attention_keeps_scores``, the memory planner); SDPA dispatches to a fused kernel that does not:
 FlashAttention-2 / cuDNN / memory-efficient attention on CUDA, the flash kernel on CPU.
 
 - Softmax scale: the ``softmax_scale`` Megatron passes (HyperP's ``sqrt(128)/head_dim``, see
@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
-"""``model.attention_backend``: see :func:`core_attention_impl`."""
+from hyperp_megatron.transfer import ATTENTION_BACKENDS
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -46,11 +45,6 @@ def core_attention_impl(backend: str, use_te: bool) -> str:
     if backend == "auto":
         return "te" if use_te else "sdpa"
     return backend
-
-
-def materializes_scores(backend: str, use_te: bool = False) -> bool:
-    """Whether the core attention keeps ``b x heads x s x s`` scores (the memory planner's question)."""
-    return core_attention_impl(backend, use_te) == "megatron_local"
 
 
 def _refuse_unsupported(config, attention_dropout: float | None) -> None:
