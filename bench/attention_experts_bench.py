@@ -6,12 +6,14 @@ Usage (from the repository root)::
     python bench/attention_experts_bench.py --device cuda       # d8 shapes, bf16 -> bench/results/gpu/
     python bench/attention_experts_bench.py --device cpu --small --dtype fp32 --out bench/results/attention_experts_cpu.json
 
-From another script (``bench/gpu_check.py``), in a process where megatron-core's parallel state is either
-initialized already (any layout; the modules are built for TP = EP = 1 shapes) or not (a gloo world of one
-is started)::
+From another script (``bench/gpu_check.py``), in a process whose megatron-core parallel state is either
+absent (a gloo world of one is started, and left initialized: ``hyperp_megatron.parallel.destroy()`` ends
+it) or a TP = PP = EP = 1 layout (the modules take Megatron's global process groups)::
 
-    sys.path.insert(0, "bench"); from attention_experts_bench import run
-    result = run("cuda")   # {"device", "dtype", "parts": {...}, "metrics": {...}}
+    sys.path.insert(0, str(REPO / "bench")); from attention_experts_bench import run
+    result = run("cuda")   # {"device", "dtype", "shape", "torch", "parts": {...}, "metrics": {...}}
+
+About 1 minute on one H200 including imports (10 timed repeats per variant).
 
 Parts (forward + backward, median wall time over ``repeats`` after 2 warm-ups, CUDA synchronized):
 
@@ -60,7 +62,7 @@ def _ensure_parallel_state(device: torch.device):
         from hyperp_megatron.compat import apply_cpu_patches
 
         apply_cpu_patches()
-    else:
+    elif device.index is not None:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         import socket

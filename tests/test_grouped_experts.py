@@ -70,7 +70,7 @@ def _forward_backward(module, x, counts, probs, grad_out):
 
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
-@pytest.mark.parametrize("counts", [[5, 0, 17, 3], [25]], ids=["four_experts", "one_expert"])
+@pytest.mark.parametrize("counts", [[5, 0, 17, 3], [25], [0, 0]], ids=["four_experts", "one_expert", "no_tokens"])
 def test_experts_match_sequential_mlp(pg_collection, kernel, counts):
     if kernel == "grouped_mm" and not _grouped_mm_on_cpu():
         pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm on CPU")
@@ -89,7 +89,7 @@ def test_experts_match_sequential_mlp(pg_collection, kernel, counts):
         for fc in ("linear_fc1", "linear_fc2"):
             torch.testing.assert_close(getattr(grouped, fc).weights()[i].grad, getattr(expert, fc).weight.grad,
                                        rtol=1e-6, atol=1e-6, msg=f"{fc} of expert {i}")
-    if counts.numel() > 1:  # the expert without tokens gets a zero gradient, not None
+    if counts.numel() > 1:  # an expert without tokens gets a zero gradient, not None
         assert grouped.linear_fc1.weights()[1].grad.abs().max() == 0
 
 

@@ -75,7 +75,7 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], tokens_per_expe
     input's device; no host sync). Loop: one matmul per expert (``tokens_per_expert`` read on the host,
     as SequentialMLP does).
     """
-    if use_grouped_mm:
+    if use_grouped_mm and x.shape[0] > 0:  # no routed token on this rank: the loop handles the empty input
         counts = torch.as_tensor(tokens_per_expert)
         offsets = counts.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         stacked = torch.stack(weights).transpose(1, 2)  # [n, in, out], column-major per expert
