@@ -4,7 +4,8 @@ vs a per-expert loop vs Megatron's SequentialMLP), side by side on one device.
 Usage (from the repository root)::
 
     python bench/attention_experts_bench.py --device cuda       # d8 shapes, bf16 -> bench/results/gpu/
-    python bench/attention_experts_bench.py --device cpu --small --dtype fp32 --out bench/results/attention_experts_cpu.json
+    python bench/attention_experts_bench.py --device cpu --small --dtype fp32 \
+        --out bench/results/attention_experts_cpu_smoke.json
 
 From another script (``bench/gpu_check.py``), in a process whose megatron-core parallel state is either
 absent (a gloo world of one is started, and left initialized: ``hyperp_megatron.parallel.destroy()`` ends
@@ -251,7 +252,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.device, args.dtype, args.small, args.repeats)
-    result["command"] = "python bench/attention_experts_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args_text = " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = f"python bench/attention_experts_bench.py {args_text}"
     out = Path(args.out or REPO / "bench" / "results" / "gpu" / "attention_experts.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -118,8 +118,9 @@ def test_checkpoint_layout_is_sequential_mlps(pg_collection):
 
     def signature(value):
         if isinstance(value, ShardedTensorFactory):
-            built = value.build()
-            return ("factory", value.key, value.replica_id, tuple(signature(t) for t in (built.values() if isinstance(built, dict) else built)))
+            built = value.build()  # the SwiGLU split: gate and up halves as separate sharded tensors
+            parts = built.values() if isinstance(built, dict) else built
+            return ("factory", value.key, value.replica_id, tuple(signature(t) for t in parts))
         assert isinstance(value, ShardedTensor)
         return (value.key, value.global_shape, value.global_offset, value.axis_fragmentations, value.replica_id)
 

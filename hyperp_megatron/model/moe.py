@@ -60,9 +60,6 @@ def te_grouped_gemm_importable() -> bool:
     return TEColumnParallelGroupedLinear is not None
 
 
-EXPERT_IMPLS = ("sequential", "te_grouped", "torch_grouped")
-
-
 def experts_impl(moe: MoEConfig, on_gpu: bool) -> str:
     """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') for a run on a GPU or not:
 
