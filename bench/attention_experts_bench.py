@@ -7,9 +7,9 @@ Usage (from the repository root)::
     python bench/attention_experts_bench.py --device cpu --small --dtype fp32 \
         --out bench/results/attention_experts_cpu_smoke.json
 
-From another script (``bench/gpu_check.py``), in a process whose megatron-core parallel state is either
-absent (a gloo world of one is started, and left initialized: ``hyperp_megatron.parallel.destroy()`` ends
-it) or a TP = PP = EP = 1 layout (the modules take Megatron's global process groups)::
+From another script (a part of ``bench/gpu_check.py``), in a process where Megatron's parallel state is
+absent or a TP = PP = EP = 1 layout; what ``run`` initializes (a gloo world of one if torch.distributed is
+not initialized, Megatron's parallel state) it tears down again::
 
     sys.path.insert(0, str(REPO / "bench")); from attention_experts_bench import run
     result = run("cuda")   # {"device", "dtype", "shape", "torch", "parts": {...}, "metrics": {...}}
@@ -53,31 +53,38 @@ SMALL = dict(batch=2, seqs=(128,), heads=4, groups=2, head_dim=32, hidden=64, ex
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _ensure_parallel_state(device: torch.device):
-    """Megatron's parallel state (a gloo world of one unless one exists); returns a ProcessGroupCollection."""
+def _ensure_parallel_state(device: torch.device) -> tuple:
+    """A ProcessGroupCollection of a TP = EP = 1 Megatron parallel state on ``device`` (a gloo world of one
+    when torch.distributed is not initialized), and what was created here (for :func:`_release`)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
-    if device.type == "cpu":
-        from hyperp_megatron.compat import apply_cpu_patches
+    from hyperp_megatron.config import ParallelConfig
+    from hyperp_megatron.parallel import init_model_parallel
 
-        apply_cpu_patches()
-    elif device.index is not None:
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    created = (not dist.is_initialized(), not parallel_state.model_parallel_is_initialized())
+    if created[0]:
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(create_gloo_process_groups=device.type == "cpu")
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    # Applies the megatron-core patches the device needs (hyperp_megatron.compat) and seeds the RNG tracker.
+    return init_model_parallel(ParallelConfig(), seed=1234, device=device), created
 
-    model_parallel_cuda_manual_seed(1234)
-    return ProcessGroupCollection.use_mpu_process_groups()
+
+def _release(created: tuple) -> None:
+    """Leave torch.distributed and Megatron's parallel state as :func:`_ensure_parallel_state` found them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if created[1]:
+        parallel_state.destroy_model_parallel()
+    if created[0]:
+        dist.destroy_process_group()
 
 
 def _config(shape: dict, device: torch.device, dtype: torch.dtype):
@@ -211,7 +218,16 @@ def bench_experts(config, pg, shape: dict, device, dtype, repeats: int) -> dict:
 def run(device: str = "cuda", dtype: str = "bf16", small: bool = False, repeats: int = 10) -> dict:
     """All parts on ``device``; a failing part is reported (``{"error": ...}``) and the rest still runs."""
     device, torch_dtype, shape = torch.device(device), DTYPES[dtype], dict(SMALL if small else D8)
-    pg = _ensure_parallel_state(device)
+    pg, created = _ensure_parallel_state(device)
+    try:
+        parts, metrics = _run_parts(pg, shape, device, torch_dtype, repeats)
+    finally:
+        _release(created)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype,
+            "shape": shape, "torch": torch.__version__, "parts": parts, "metrics": metrics}
+
+
+def _run_parts(pg, shape: dict, device: torch.device, torch_dtype: torch.dtype, repeats: int) -> tuple[dict, dict]:
     config = _config(shape, device, torch_dtype)
     parts, metrics = {}, {}
     for seq in shape["seqs"]:
@@ -236,8 +252,7 @@ def run(device: str = "cuda", dtype: str = "bf16", small: bool = False, repeats:
             metrics["grouped_experts_max_rel_diff"] = max(part["output_rel_diff"], part["fc1_grad_rel_diff"])
     except Exception as exc:  # noqa: BLE001
         parts["experts"] = {"error": f"{type(exc).__name__}: {exc}"}
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype,
-            "shape": shape, "torch": torch.__version__, "parts": parts, "metrics": metrics}
+    return parts, metrics
 
 
 def main(argv=None) -> int:

@@ -98,7 +98,8 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Init std for 'standard' parameterization (and the output layer under HyperP)."""
     transformer_impl: str = "auto"
-    """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine'."""
+    """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine' (refused
+    without TE and a GPU)."""
     attention_backend: str = "auto"
     """Core attention: 'auto' (TE's fused attention with TE layers, else 'sdpa'), 'sdpa' (torch
     scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels, no s x s scores) or
@@ -263,16 +264,30 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = cores / local processes)."""
     fp8: str | None = None
-    """FP8 through Transformer Engine: None, 'e4m3' or 'hybrid' (needs TE layers and a GPU; master
-    weights and optimizer state stay fp32, the output layer stays in high precision)."""
+    """FP8 through Transformer Engine: None, 'e4m3' or 'hybrid' (needs TE layers on a GPU of compute capability
+    >= 8.9, refused otherwise; master weights and optimizer state stay fp32, the output layer stays in high
+    precision)."""
     fp8_recipe: str = "delayed"
     """TE FP8 recipe: 'delayed', 'tensorwise', 'blockwise' (Hopper) or 'mxfp8' (Blackwell)."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: steps of max-|x| history each FP8 scale is computed from."""
+    fp8_amax_compute_algo: str = "max"
+    """Delayed scaling: 'max' (largest amax in the history) or 'most_recent'."""
+    deterministic: bool = False
+    """GPU: deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS workspace config, Megatron's
+    deterministic_mode), so a rerun or a resume in the same layout is bit-identical; slower. Without it a
+    resume on GPU reproduces the next losses within 1e-4 relative (fp32). On the CPU runs are bit-identical
+    with one thread per process (train.threads 1; with several threads runs were measured to differ in the
+    last bits)."""
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))
         if self.fp8 is not None:
             _check_choice("train.fp8", self.fp8, ("e4m3", "hybrid"))
         _check_choice("train.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise", "mxfp8"))
+        _check_choice("train.fp8_amax_compute_algo", self.fp8_amax_compute_algo, ("max", "most_recent"))
+        if self.fp8_amax_history_len < 1:
+            raise ValueError(f"train.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

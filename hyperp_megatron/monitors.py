@@ -163,8 +163,9 @@ def _model_param_of(optimizer) -> dict[int, torch.Tensor]:
 
 
 @torch.no_grad()
-def gradient_norms(optimizer, matrix_ids: set[int]) -> tuple[float, float]:
-    """Pre-clip gradient norms (hidden matrices, everything else), global over all parallel groups.
+def gradient_norms(optimizer, matrix_ids: set[int], device: torch.device) -> tuple[float, float]:
+    """Pre-clip gradient norms (hidden matrices, everything else), global over all parallel groups;
+    reduced on ``device`` (the model's).
 
     Call after ``optimizer.prepare_grads()`` and before clipping. Counts exactly the gradients
     Megatron's ``get_grad_norm`` counts (no shared or TP-duplicate parameters; the local shard under
@@ -177,7 +178,6 @@ def gradient_norms(optimizer, matrix_ids: set[int]) -> tuple[float, float]:
     for leaf in _leaf_optimizers(optimizer):
         model_of = _model_param_of(leaf)
         params = leaf.get_parameters()
-        device = params[0].device if params else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         grads: tuple[list, list] = ([], [])  # (hidden matrices, other)
         for param in params:
             if param.grad is None or not param_is_not_shared(param) or not param_is_not_tensor_parallel_duplicate(
@@ -378,7 +378,7 @@ class StabilityMonitor:
 
     def gradient_records(self) -> dict:
         """Pre-clip gradient norms split hidden-matrix / other (collective)."""
-        matrix, other = gradient_norms(self.optimizer, self.matrix_ids)
+        matrix, other = gradient_norms(self.optimizer, self.matrix_ids, self.device)
         return {f"{PREFIX}grad_norm_matrix": matrix, f"{PREFIX}grad_norm_other": other}
 
     def finish(self) -> dict:

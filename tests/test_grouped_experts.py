@@ -141,6 +141,7 @@ def test_moe_layer_with_grouped_experts_matches_sequential(pg_collection):
     from hyperp_megatron.model.experts import TorchGroupedMLP
     from hyperp_megatron.model.gpt import transformer_config
     from hyperp_megatron.model.init import initialize_parameters
+    from hyperp_megatron.model.moe import experts_impl
     from hyperp_megatron.model.spec import build_layer_spec
 
     runs = {}
@@ -148,8 +149,8 @@ def test_moe_layer_with_grouped_experts_matches_sequential(pg_collection):
         moe = {"sparsity": 3, "granularity": 3, "shared_expert": True, "grouped_gemm": grouped_gemm}
         cfg = load_config(None, {"model": {"num_layers": 1, "hidden_size": HIDDEN, "num_attention_heads": 4,
                                            "num_query_groups": 2, "ffn_hidden_size": 96, "moe": moe}})
-        layer = build_module(build_layer_spec(cfg.model, pg_collection=pg_collection).submodules.mlp,
-                             config=transformer_config(cfg, pg_collection))
+        spec = build_layer_spec(cfg.model, pg_collection=pg_collection, experts=experts_impl(cfg.model.moe, "cpu"))
+        layer = build_module(spec.submodules.mlp, config=transformer_config(cfg, pg_collection))
         layer.set_layer_number(1)
         initialize_parameters(layer, cfg, pg_collection)
         assert isinstance(layer.experts, TorchGroupedMLP) == (grouped_gemm == "true")
@@ -182,7 +183,8 @@ def test_grouped_gemm_resolution(monkeypatch):
 
     def resolve(setting, on_gpu, te):
         monkeypatch.setattr(moe, "te_grouped_gemm_importable", lambda: te)
-        return moe.experts_impl(MoEConfig(sparsity=2, granularity=2, grouped_gemm=setting), on_gpu)
+        return moe.experts_impl(MoEConfig(sparsity=2, granularity=2, grouped_gemm=setting),
+                                "cuda:0" if on_gpu else "cpu")
 
     assert resolve("false", True, True) == "sequential"
     assert resolve("auto", True, True) == resolve("true", True, True) == "te_grouped"

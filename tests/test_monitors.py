@@ -408,10 +408,12 @@ def test_parallel_records_equal_tp1(tp1_records, model, layout, tmp_path):
 
 def nan_worker(rank, world_size, overrides):
     """The trainer with a planted NaN, then the guard's agreement when only rank 1 sees a NaN."""
+    import torch
+
     from hyperp_megatron.step import _all_ranks_finite
 
     result = train_worker(rank, world_size, overrides)
-    agreed = _all_ranks_finite(float("nan") if rank == 1 else 1.0, 1.0, False)
+    agreed = _all_ranks_finite(float("nan") if rank == 1 else 1.0, 1.0, False, torch.device("cpu"))
     return result, agreed
 
 

@@ -9,10 +9,12 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from hyperp_megatron.compat import fused_kernel_flags
 from hyperp_megatron.config import Config
+from hyperp_megatron.model.fp8 import check_fp8, fp8_config_kwargs
 from hyperp_megatron.model.init import initialize_parameters
 from hyperp_megatron.model.moe import experts_impl
-from hyperp_megatron.model.spec import build_layer_spec, softmax_scale, use_transformer_engine
+from hyperp_megatron.model.spec import HAVE_TE, build_layer_spec, softmax_scale, use_transformer_engine
 from hyperp_megatron.transfer import muon_logit_multiplier
 
 
@@ -22,9 +24,27 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return int(math.ceil(vocab_size / step) * step)
 
 
-def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> TransformerConfig:
+def _device_or_default(device) -> torch.device:
+    from hyperp_megatron.parallel import process_group_device
+
+    return process_group_device() if device is None else torch.device(device)
+
+
+def check_device_support(cfg: Config, device: torch.device) -> bool:
+    """What the config asks of the hardware, checked before any heavy work (one-line ValueErrors):
+    TE layers, FP8 (grouped-GEMM experts need nothing: without TE they are torch's, ``moe.experts_impl``).
+    Returns whether TE layers are used."""
+    use_te = use_transformer_engine(cfg.model.transformer_impl, device)
+    check_fp8(cfg.train, use_te, HAVE_TE, device)
+    return use_te
+
+
+def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
+                       device: torch.device | None = None) -> TransformerConfig:
+    """Megatron's TransformerConfig for ``cfg`` on ``device`` (default: the process group's)."""
     m, p = cfg.model, cfg.parallel
-    on_gpu = torch.cuda.is_available()
+    device = _device_or_default(device)
+    on_gpu = device.type == "cuda"
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -50,15 +70,12 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> Tran
         bf16=cfg.train.precision == "bf16",
         pipeline_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
         use_cpu_initialization=not on_gpu,
-        # Fusions need CUDA kernels (apex / TE / triton); off on CPU.
-        bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        deterministic_mode=not on_gpu,
+        # Fused kernels only where they exist (GPU, kernel module importable): compat.without_te.
+        **fused_kernel_flags(device),
+        deterministic_mode=not on_gpu or cfg.train.deterministic,
     )
+    if use_te:
+        kwargs.update(fp8_config_kwargs(cfg.train))
     if m.hyperp_architecture:
         kwargs["softmax_scale"] = softmax_scale(m.kv_channels)
     if m.moe.enabled:
@@ -76,18 +93,20 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> Tran
             # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
             moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
-            moe_grouped_gemm=experts_impl(m.moe, on_gpu) == "te_grouped",  # Megatron's flag means TE's
+            moe_grouped_gemm=experts_impl(m.moe, device) == "te_grouped",  # Megatron's flag means TE's
         )
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Module]:
-    """The model chunk(s) of this pipeline stage, initialized identically for every parallel layout."""
-    use_te = use_transformer_engine(cfg.model.transformer_impl, cfg.train.fp8)
-    tf_config = transformer_config(cfg, pg_collection, use_te)
-    # Megatron allocates the parameters where the run computes (use_cpu_initialization: on the CPU).
-    on_gpu = not tf_config.use_cpu_initialization
-    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection, on_gpu=on_gpu)
+def build_model(cfg: Config, pg_collection, vocab_size: int,
+                device: torch.device | None = None) -> list[torch.nn.Module]:
+    """The model chunk(s) of this pipeline stage on ``device`` (default: the process group's), initialized
+    identically for every parallel layout and device."""
+    device = _device_or_default(device)
+    use_te = check_device_support(cfg, device)
+    tf_config = transformer_config(cfg, pg_collection, use_te, device)
+    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection,
+                            experts=experts_impl(cfg.model.moe, device))
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(
@@ -103,6 +122,9 @@ def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Mo
         pg_collection=pg_collection,
     )
     initialize_parameters(model, cfg, pg_collection)
+    # As Megatron-LM's get_model: the whole model onto the device right after construction, before DDP
+    # and the optimizer wrap it (TP layers are created on the GPU, torch norms and buffers on the CPU).
+    model.to(device)
     if model.post_process and output_logit_multiplier(cfg) != 1.0:
         scale_output_logits(model, output_logit_multiplier(cfg))
     return [model]

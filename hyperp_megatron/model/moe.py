@@ -60,8 +60,8 @@ def te_grouped_gemm_importable() -> bool:
     return TEColumnParallelGroupedLinear is not None
 
 
-def experts_impl(moe: MoEConfig, on_gpu: bool) -> str:
-    """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') for a run on a GPU or not:
+def experts_impl(moe: MoEConfig, device) -> str:
+    """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') for a run on ``device``:
 
     'false' -> 'sequential' (Megatron's SequentialMLP); on a GPU ('auto' or 'true') -> 'te_grouped' when TE's
     grouped linear imports, else 'torch_grouped'; on CPU 'auto' -> 'sequential', 'true' -> 'torch_grouped'
@@ -69,7 +69,7 @@ def experts_impl(moe: MoEConfig, on_gpu: bool) -> str:
     """
     if moe.grouped_gemm == "false":
         return "sequential"
-    if on_gpu:
+    if torch.device(device).type == "cuda":
         return "te_grouped" if te_grouped_gemm_importable() else "torch_grouped"
     return "torch_grouped" if moe.grouped_gemm == "true" else "sequential"
 
@@ -88,9 +88,9 @@ def _experts_spec(impl: str, num_experts: int, base: ModuleSpec) -> ModuleSpec |
     return base.submodules.experts
 
 
-def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, on_gpu: bool = False) -> ModuleSpec:
-    """HyperP's MoE layer spec from Megatron's (``base``, the ``mlp`` of a GPT layer spec); the experts
-    module from :func:`experts_impl` (``on_gpu``: the run's device is a GPU).
+def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, experts: str = "sequential") -> ModuleSpec:
+    """HyperP's MoE layer spec from Megatron's (``base``, the ``mlp`` of a GPT layer spec); ``experts``: the
+    experts module resolved by :func:`experts_impl` ('sequential', 'te_grouped' or 'torch_grouped').
 
     ``pg_collection`` is passed to the layer through the spec's params: Megatron's TransformerLayer
     hands its process groups only to the exact ``MoELayer`` class (0.16.1, ``transformer_layer.py``),
@@ -98,7 +98,7 @@ def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, on_gpu:
     """
     router = functools.partial(SqrtGateRouter, gate=moe.gate)
     submodules = dataclasses.replace(base.submodules, router=router)
-    submodules.experts = _experts_spec(experts_impl(moe, on_gpu), moe.num_routed_experts, base)
+    submodules.experts = _experts_spec(experts, moe.num_routed_experts, base)
     params = {"shared_expert_scale": SHARED_EXPERT_MIX if moe.gate == "sqrt" else 1.0}
     if pg_collection is not None:
         params["pg_collection"] = pg_collection
@@ -110,14 +110,13 @@ def routers(model_chunks) -> list[SqrtGateRouter]:
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SqrtGateRouter)]
 
 
-def pop_local_aux_loss(model_chunks) -> torch.Tensor:
-    """Sum over this rank's MoE layers of their aux-loss shares since the last call (then reset).
+def pop_local_aux_loss(model_chunks, device: torch.device) -> torch.Tensor:
+    """Sum over this rank's MoE layers of their aux-loss shares since the last call (then reset), on
+    ``device`` (the one the process group's collectives accept).
 
     Summed over all ranks (TP x DP x PP) and divided by the data-parallel size and the number of
     micro-batches, this is ``sum over layers of L_aux`` of the step (see ``switch_load_balancing_loss``).
     """
-    # On the device the process group's collectives accept (NCCL: the current GPU).
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     total = torch.zeros((), dtype=torch.float64, device=device)
     for router in routers(model_chunks):
         value = router.pop_aux_loss()

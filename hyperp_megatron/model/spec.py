@@ -83,24 +83,25 @@ def scaled_bda(multiplier: float):
     return get_scaled_bias_dropout_add
 
 
-def use_transformer_engine(impl: str, fp8: str | None) -> bool:
-    """TE layers when TE and a GPU are present ('auto'); a one-line message when TE or FP8 is requested
-    but unavailable (the run then uses Megatron's local layers, without FP8)."""
+def use_transformer_engine(impl: str, device) -> bool:
+    """Whether to build TE layers: 'auto' when TE is installed and ``device`` is a GPU; 'transformer_engine'
+    without them is refused with one line (FP8 is checked in ``model/fp8.py``)."""
     import torch
 
-    available = HAVE_TE and torch.cuda.is_available()
-    if (impl == "transformer_engine" or fp8) and not available:
-        print(f"[hyperp] {'FP8' if fp8 else 'Transformer Engine'} requested but Transformer Engine or a GPU "
-              "is unavailable: using Megatron's local layers" + (" without FP8" if fp8 else ""), flush=True)
-        return False
-    return available and impl != "local"
+    on_gpu = torch.device(device).type == "cuda"
+    if impl == "transformer_engine" and not (HAVE_TE and on_gpu):
+        missing = "Transformer Engine is not installed" if not HAVE_TE else f"the device is {device}, not a GPU"
+        raise ValueError(f"model.transformer_impl is 'transformer_engine' but {missing}; "
+                         "use 'auto' (TE when available) or 'local'")
+    return HAVE_TE and on_gpu and impl != "local"
 
 
-def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None, on_gpu: bool = False) -> ModuleSpec:
+def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None,
+                     experts: str = "sequential") -> ModuleSpec:
     """The transformer-layer spec for ``cfg`` (dense or MoE), with HyperP's modifications.
 
-    MoE: SqrtGate router, shared-expert mix and grouped-GEMM experts (``on_gpu``: the run's device is a
-    GPU), see ``model/moe.py``.
+    MoE: SqrtGate router, shared-expert mix and the experts module ``experts`` ('sequential', 'te_grouped' or
+    'torch_grouped', from ``moe.experts_impl``), see ``model/moe.py``.
     """
     num_experts = cfg.moe.num_routed_experts if cfg.moe.enabled else None
     if use_te:
@@ -121,5 +122,5 @@ def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None,
         spec.submodules.self_attention = gated_attention_spec(spec.submodules.self_attention,
                                                               ColumnParallelLinear, normalize_gate_input=use_te)
     if cfg.moe.enabled:
-        spec.submodules.mlp = moe_layer_spec(spec.submodules.mlp, cfg.moe, pg_collection, on_gpu=on_gpu)
+        spec.submodules.mlp = moe_layer_spec(spec.submodules.mlp, cfg.moe, pg_collection, experts)
     return spec

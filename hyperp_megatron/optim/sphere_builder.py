@@ -119,10 +119,11 @@ class _SphereCheckpointing:
         step = steps.pop() if steps else None
         sphere = self.optimizer
         groups = [sphere.layer_wise_dp_group, sphere.layer_wise_expert_dp_group]
+        device = params[0].device  # the model's: NCCL reduces GPU tensors only
         for group in [g for i, g in enumerate(groups) if g is not None and g not in groups[:i]]:
             # Layer-wise DP group: a rank owning no Adam-rule parameter has no step, but the common
             # value is written by global rank 0 only, so every DP rank must know it.
-            value = torch.tensor([-1 if step is None else step], dtype=torch.int64)
+            value = torch.tensor([-1 if step is None else step], dtype=torch.int64, device=device)
             dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
             step = None if value.item() < 0 else int(value.item())
         return step
