@@ -35,8 +35,10 @@ class MoEConfig:
     token_dispatcher: str = "alltoall"
     """Megatron token dispatcher: 'alltoall' or 'allgather'."""
     grouped_gemm: str = "auto"
-    """Experts as Transformer Engine grouped GEMMs (TEGroupedMLP, one weight per expert): 'auto' (when TE
-    and a GPU are present), 'true' (required) or 'false' (Megatron's SequentialMLP, the CPU path)."""
+    """Grouped-GEMM experts (one weight per expert either way): 'auto' (on a GPU: Transformer Engine's
+    TEGroupedMLP when TE is installed, else torch._grouped_mm experts; on CPU: Megatron's SequentialMLP),
+    'true' (grouped experts on any device; on CPU the torch experts loop over experts) or 'false'
+    (SequentialMLP)."""
 
     def __post_init__(self):
         _check_choice("model.moe.gate", self.gate, ("sqrt", "plain"))
@@ -103,11 +105,16 @@ class ModelConfig:
     transformer_impl: str = "auto"
     """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine' (refused
     without TE and a GPU)."""
+    attention_backend: str = "auto"
+    """Core attention: 'auto' (TE's fused attention with TE layers, else 'sdpa'), 'sdpa' (torch
+    scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels, no s x s scores) or
+    'megatron_local' (Megatron's unfused DotProductAttention: keeps b x heads x s x s scores)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts settings."""
 
     def __post_init__(self):
         _check_choice("model.parameterization", self.parameterization, ("hyperp", "muon", "standard"))
+        _check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "megatron_local"))
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ from hyperp_megatron.compat import fused_kernel_flags
 from hyperp_megatron.config import Config
 from hyperp_megatron.model.fp8 import check_fp8, fp8_config_kwargs
 from hyperp_megatron.model.init import initialize_parameters
-from hyperp_megatron.model.moe import use_grouped_gemm
+from hyperp_megatron.model.moe import experts_impl
 from hyperp_megatron.model.residual import keep_residual_stream_fp32
 from hyperp_megatron.model.spec import HAVE_TE, build_layer_spec, softmax_scale, use_transformer_engine
 from hyperp_megatron.transfer import muon_logit_multiplier
@@ -33,11 +33,10 @@ def _device_or_default(device) -> torch.device:
 
 def check_device_support(cfg: Config, device: torch.device) -> bool:
     """What the config asks of the hardware, checked before any heavy work (one-line ValueErrors):
-    TE layers, FP8, TE grouped GEMM. Returns whether TE layers are used."""
+    TE layers, FP8 (grouped-GEMM experts need nothing: without TE they are torch's, ``moe.experts_impl``).
+    Returns whether TE layers are used."""
     use_te = use_transformer_engine(cfg.model.transformer_impl, device)
     check_fp8(cfg.train, use_te, HAVE_TE, device)
-    if cfg.model.moe.enabled:
-        use_grouped_gemm(cfg.model.moe, device)
     return use_te
 
 
@@ -97,7 +96,7 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
             # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
             moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
-            moe_grouped_gemm=use_grouped_gemm(m.moe, device),
+            moe_grouped_gemm=experts_impl(m.moe, device) == "te_grouped",  # Megatron's flag means TE's
         )
     return TransformerConfig(**kwargs)
 
@@ -110,7 +109,7 @@ def build_model(cfg: Config, pg_collection, vocab_size: int,
     use_te = check_device_support(cfg, device)
     tf_config = transformer_config(cfg, pg_collection, use_te, device)
     spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection,
-                            grouped_gemm=bool(tf_config.moe_grouped_gemm))
+                            experts=experts_impl(cfg.model.moe, device))
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(

@@ -8,7 +8,10 @@ plugged in through extension points, not forks.
   ``get_query_key_value_tensors``, i.e. before RoPE);
 - softmax scale ``sqrt(hd0)/hd``: ``TransformerConfig.softmax_scale``;
 - optional per-head gated attention: ``self_attention`` becomes
-  :class:`~hyperp_megatron.model.attention.GatedSelfAttention` with a column-parallel ``linear_gate``.
+  :class:`~hyperp_megatron.model.attention.GatedSelfAttention` with a column-parallel ``linear_gate``;
+- core attention (``model.attention_backend``): torch SDPA
+  (:class:`~hyperp_megatron.model.sdpa_attention.SDPACoreAttention`) whenever TE's is not used, or
+  Megatron's unfused ``DotProductAttention`` on request.
 
 'muon' (the Muon baseline) shares these; its output-logit multiplier lives on the model (``gpt.py``).
 """
@@ -20,11 +23,13 @@ import math
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from hyperp_megatron.config import ModelConfig
 from hyperp_megatron.model.attention import gated_attention_spec
 from hyperp_megatron.model.moe import moe_layer_spec
+from hyperp_megatron.model.sdpa_attention import SDPACoreAttention, core_attention_impl
 
 try:  # Transformer Engine is an optional GPU extra.
     import transformer_engine  # noqa: F401
@@ -96,10 +101,11 @@ def use_transformer_engine(impl: str, device) -> bool:
 
 
 def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None,
-                     grouped_gemm: bool = False) -> ModuleSpec:
+                     experts: str = "sequential") -> ModuleSpec:
     """The transformer-layer spec for ``cfg`` (dense or MoE), with HyperP's modifications.
 
-    MoE: SqrtGate router, shared-expert mix and grouped-GEMM experts (``grouped_gemm``), see ``model/moe.py``.
+    MoE: SqrtGate router, shared-expert mix and the experts module ``experts`` ('sequential', 'te_grouped' or
+    'torch_grouped', from ``moe.experts_impl``), see ``model/moe.py``.
     """
     num_experts = cfg.moe.num_routed_experts if cfg.moe.enabled else None
     if use_te:
@@ -108,6 +114,10 @@ def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None,
     else:
         spec = get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=cfg.qk_norm,
                                         normalization="RMSNorm")
+    attention = core_attention_impl(cfg.attention_backend, use_te)
+    if attention != "te":
+        spec.submodules.self_attention.submodules.core_attention = (
+            SDPACoreAttention if attention == "sdpa" else DotProductAttention)
     bda = scaled_bda(branch_multiplier(cfg))  # multiplier 1 for 'standard': only the residual-dtype add
     spec.submodules.self_attn_bda = bda
     spec.submodules.mlp_bda = bda
@@ -115,5 +125,5 @@ def build_layer_spec(cfg: ModelConfig, use_te: bool = False, pg_collection=None,
         spec.submodules.self_attention = gated_attention_spec(spec.submodules.self_attention,
                                                               ColumnParallelLinear, normalize_gate_input=use_te)
     if cfg.moe.enabled:
-        spec.submodules.mlp = moe_layer_spec(spec.submodules.mlp, cfg.moe, pg_collection, grouped_gemm)
+        spec.submodules.mlp = moe_layer_spec(spec.submodules.mlp, cfg.moe, pg_collection, experts)
     return spec
