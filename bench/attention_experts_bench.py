@@ -11,7 +11,7 @@ From another script (a part of ``bench/gpu_check.py``), in a process where Megat
 absent or a TP = PP = EP = 1 layout; what ``run`` initializes (a gloo world of one if torch.distributed is
 not initialized, Megatron's parallel state) it tears down again::
 
-    sys.path.insert(0, str(REPO / "bench")); from attention_experts_bench import run
+    from attention_experts_bench import run   # a script in bench/: Python puts bench/ on sys.path
     result = run("cuda")   # {"device", "dtype", "shape", "torch", "parts": {...}, "metrics": {...}}
 
 About 1 minute on one H200 including imports (10 timed repeats per variant).
@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 D8 = dict(batch=8, seqs=(2048, 4096), heads=16, groups=4, head_dim=128, hidden=1024, experts=63, topk=7,
           expert_ffn=512, expert_tokens=8 * 2048)

@@ -46,8 +46,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 REFERENCE = REPO / "bench/results/gpu/cpu_reference.json"
 SYNTHETIC_VOCAB = 8192

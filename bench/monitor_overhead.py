@@ -34,7 +34,6 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
 INTERVAL = 10

@@ -25,10 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from monitor_overhead import build  # noqa: E402  (the same session set-up)
+from monitor_overhead import build  # the same session set-up
 
 
 def main(argv=None) -> int:

@@ -42,9 +42,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from hyperp_megatron.optim import ParamLayout, QKVSplit, SphereMuon, newton_schulz5  # noqa: E402
+from hyperp_megatron.optim import ParamLayout, QKVSplit, SphereMuon, newton_schulz5
 
 LR = 0.02
 

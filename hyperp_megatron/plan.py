@@ -1,6 +1,6 @@
 """The HyperP transfer ladder of a config over depths: shape, N, tokens, steps, LR, FLOPs, memory.
 
-Usage::
+Usage (``hyperp-plan``, the console script, is the same command)::
 
     python -m hyperp_megatron.plan --config configs/hyperp/dense_d8.yaml --depths 8,12,16,20,24
     python -m hyperp_megatron.plan --config configs/hyperp/dense_d24.yaml --tp 2 --dp 32 --format json
@@ -109,7 +109,8 @@ def render(rows: list[dict], fmt: str = "table") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hyperp_megatron.plan", description=__doc__.split("\n")[0])
+    """``hyperp-plan`` (the console script), ``python -m hyperp_megatron.plan``; exit status 2 on bad input."""
+    parser = argparse.ArgumentParser(prog="hyperp-plan", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (configs/...)")
     parser.add_argument("--depths", default=None, help="comma-separated depths (default: the config's)")
     parser.add_argument("--format", default="table", help="table | json | csv")
@@ -119,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: config)")
     args, overrides = parser.parse_known_args(argv)
-    if args.format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
-    cfg = load_config(args.config, overrides)
-    depths = parse_depths(args.depths) if args.depths is not None else None
-    rows = plan_rows(cfg, depths, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, tokens=args.tokens)
+    try:
+        if args.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+        cfg = load_config(args.config, overrides)
+        depths = parse_depths(args.depths) if args.depths is not None else None
+        rows = plan_rows(cfg, depths, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, tokens=args.tokens)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     if args.format == "table":
         h = cfg.hyperp
         print(f"# {args.config}: optim {cfg.optim.name}, hyperp {'on' if h.enabled else 'off'} "

@@ -1,4 +1,5 @@
-"""The trainer: ``python -m hyperp_megatron.train --config configs/tiny.yaml [--section.key value ...]``.
+"""The trainer: ``hyperp-train --config configs/tiny.yaml [--section.key value ...]`` (the console script), or
+``python -m hyperp_megatron.train ...``.
 
 Launch it with torchrun, srun (one task per process) or mpiexec; see ``launch/``.
 """
@@ -9,12 +10,6 @@ import json
 import os
 import sys
 import time
-import warnings
-
-# megatron-core warns at import time about every optional GPU package it does not find; the trainer
-# prints one line instead (see main()).
-warnings.filterwarnings("ignore", module=r"megatron\..*")
-warnings.filterwarnings("ignore", category=UserWarning, message=r".*(Apex|Transformer Engine|apex).*")
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
+from hyperp_megatron.cli import quiet_megatron_import_warnings
 from hyperp_megatron.config import Config, data_parallel_size, load_config, validate
 from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
@@ -300,6 +296,7 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Validate everything first (one-line errors on rank 0 only), then train."""
+    quiet_megatron_import_warnings()  # importing this module imports no megatron: the filters come first
     from hyperp_megatron.parallel import decide_device, destroy, discover_launch_env, init_process_group
 
     env = discover_launch_env(os.environ)

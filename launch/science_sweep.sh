@@ -35,12 +35,12 @@ case "${1:-start}" in
     fi
     sweep_args=(run --spec "${SPEC}" --results "${RESULTS}" --jobs "${JOBS}")
     echo "[science_sweep] $(date -Is) start in $(pwd) at $(git rev-parse HEAD 2>/dev/null || echo '?')" >> "${LOG}"
-    setsid nohup nice -n "${NICE}" "${PYTHON}" tools/lr_sweep.py "${sweep_args[@]}" >> "${LOG}" 2>&1 < /dev/null &
+    setsid nohup nice -n "${NICE}" "${PYTHON}" -m hyperp_megatron.science sweep "${sweep_args[@]}" >> "${LOG}" 2>&1 < /dev/null &
     echo $! > "${PID_FILE}"
     echo "started: PID $!, results ${RESULTS}, log ${LOG}"
     ;;
   status)
-    "${PYTHON}" tools/lr_sweep.py status --spec "${SPEC}" --results "${RESULTS}"
+    "${PYTHON}" -m hyperp_megatron.science sweep status --spec "${SPEC}" --results "${RESULTS}"
     if running; then echo "running: PID $(cat "${PID_FILE}")"; else echo "not running"; fi
     tail -n 1 "${LOG}" 2>/dev/null || true
     ;;
@@ -48,7 +48,7 @@ case "${1:-start}" in
     if running; then kill -TERM "$(cat "${PID_FILE}")" && echo "stopping PID $(cat "${PID_FILE}")"; else echo "not running"; fi
     ;;
   report)
-    "${PYTHON}" tools/fit_transfer.py --spec "${SPEC}" --results "${RESULTS}" --out "${REPORT_DIR}"
+    "${PYTHON}" -m hyperp_megatron.science fit --spec "${SPEC}" --results "${RESULTS}" --out "${REPORT_DIR}"
     ;;
   *)
     echo "usage: $0 [start|status|stop|report]" >&2

@@ -16,10 +16,8 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hyperp_megatron.config import load_config, parse_overrides  # noqa: E402
-from hyperp_megatron.transfer import derive  # noqa: E402
+from hyperp_megatron.config import load_config, parse_overrides
+from hyperp_megatron.transfer import derive
 
 
 def main(argv):

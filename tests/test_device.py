@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+pytestmark = pytest.mark.tier("unit")
+
 PACKAGE = Path(__file__).resolve().parent.parent / "hyperp_megatron"
 META = torch.device("meta")
 GPU = torch.device("cuda", 0)

@@ -6,21 +6,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.tier("system")
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
 
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
+    # PYTHONPATH: the script imports this checkout's package, installed or not (as the tests do: pyproject's pythonpath)
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
-                           "--work-dir", str(out / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--work-dir", str(out / "work")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
@@ -52,6 +56,7 @@ def test_tiny_parts_reproduce_the_committed_cpu_reference(smoke_report):
     assert resume["deterministic_bit_exact"] and resume["default_bit_exact"]
 
 
+@pytest.mark.tier("unit")
 def test_a_failing_part_is_reported_and_the_rest_run(tmp_path):
     import torch
     from gpu_check import Check, run_part, write_report
@@ -77,6 +82,7 @@ def test_a_failing_part_is_reported_and_the_rest_run(tmp_path):
     assert "**RuntimeError: boom**" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.tier("unit")
 def test_synthetic_corpus_is_the_same_everywhere():
     """The GPU run compares with losses computed here: its data must be bit-identical."""
     from gpu_check import synthetic_documents

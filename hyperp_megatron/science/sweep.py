@@ -1,4 +1,4 @@
-"""LR sweeps over scale ladders (``tools/lr_sweep.py``): the spec, the run list, each run's folder, and a
+"""LR sweeps over scale ladders (``hyperp-sweep``): the spec, the run list, each run's folder, and a
 resumable local executor.
 
 A spec (YAML, e.g. ``sweeps/science.yaml``) names a base config, the LR key and experiments;

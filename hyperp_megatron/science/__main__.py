@@ -1,14 +1,22 @@
-"""LR sweeps over scale ladders: plan, run locally a few processes at a time, or one run per SLURM array task.
+"""LR sweeps over scale ladders and their report: ``hyperp-sweep`` and ``hyperp-fit`` (console scripts), or
+``python -m hyperp_megatron.science sweep|fit ...``.
 
-    python tools/lr_sweep.py plan --spec sweeps/science.yaml            # runs, FLOPs, estimate
-    python tools/lr_sweep.py run  --spec sweeps/science.yaml --results /work/science/results --jobs 2
-    python tools/lr_sweep.py run-one --spec ... --results ... --index $SLURM_ARRAY_TASK_ID   # launch/sweep_array.sbatch
-    python tools/lr_sweep.py status --spec ... --results ...
+    hyperp-sweep plan --spec sweeps/science.yaml            # runs, FLOPs, estimate
+    hyperp-sweep run  --spec sweeps/science.yaml --results /work/science/results --jobs 2
+    hyperp-sweep run-one --spec ... --results ... --index $SLURM_ARRAY_TASK_ID   # launch/sweep_array.sbatch
+    hyperp-sweep status --spec ... --results ...
+    hyperp-fit --spec sweeps/science.yaml --results /work/science/results --out bench/results/science
 
-Resumable: a run that finished (done, or diverged: a result) is never redone; rerunning the same command
-continues with the rest (failed and interrupted runs start over). Each run's folder
+The sweep is resumable: a run that finished (done, or diverged: a result) is never redone; rerunning the same
+command continues with the rest (failed and interrupted runs start over). Each run's folder
 ``<results>/runs/<key>`` holds the resolved config, metrics.jsonl, final.json, train.log and status.json; no
-checkpoints unless --save-checkpoints. Then: python tools/fit_transfer.py --spec ... --results ...
+checkpoints unless --save-checkpoints.
+
+The fit works on partial results (every verdict names its missing runs). Per scale: a quadratic in log(LR) of the
+final validation loss, its argmin and uncertainty (bootstrap over seeds, or leave-one-out); across scales: power
+laws of the optimum (depth, width, tokens, MoE granularity), loss-vs-compute laws and the HyperP / Muon compute
+multiplier, the stability indicators, and the output-layer norm of the optimal runs (issue 17). It writes
+REPORT.md, claims.json, optima.json and the plots.
 """
 
 from __future__ import annotations
@@ -18,24 +26,17 @@ import json
 import os
 import shlex
 import sys
-import warnings
 from pathlib import Path
 
-# megatron-core warns at import about every optional GPU package it lacks (the corpus preparation imports it)
-warnings.filterwarnings("ignore", module=r"megatron\..*")
-warnings.filterwarnings("ignore", category=UserWarning, message=r".*(Apex|Transformer Engine|apex).*")
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from hyperp_megatron.science import sweep  # noqa: E402
+from hyperp_megatron.science import report, sweep
 
 SECONDS_PER_GFLOP = 0.035
 """Measured on the development machine (one idle core, the base model): the plan's time estimate."""
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _sweep_args(argv):
+    parser = argparse.ArgumentParser(prog="hyperp-sweep", description="LR sweeps over scale ladders: plan, run "
+                                     "locally a few processes at a time, or one run per SLURM array task.")
     parser.add_argument("command", choices=("plan", "run", "run-one", "status"))
     parser.add_argument("--spec", required=True, help="sweep spec YAML (sweeps/science.yaml)")
     parser.add_argument("--results", default="runs/sweep", help="results folder (one subfolder per run)")
@@ -52,8 +53,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def sweep_main(argv=None) -> int:
+    from hyperp_megatron.cli import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()  # the corpus preparation imports megatron-core
+    args = _sweep_args(sys.argv[1:] if argv is None else argv)
     try:
         spec = sweep.load_spec(args.spec)
         runs = sweep.plan(spec, [s for s in args.only.split(",") if s] or None)
@@ -63,8 +67,7 @@ def main(argv=None) -> int:
     results = Path(args.results)
     shared = Path(args.data_cache) if args.data_cache else results / "data"
     trainer = shlex.split(args.trainer)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     if args.command == "plan":
         return _plan(spec, runs)
     if args.command == "status":
@@ -111,6 +114,44 @@ def _status(runs, results) -> int:
         counts[state] = counts.get(state, 0) + 1
     print(json.dumps({"runs": len(runs), **counts}))
     return 0
+
+
+def fit_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hyperp-fit", description="Fit a sweep's results and write the report: "
+                                     "REPORT.md, claims.json, optima.json and the plots.")
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--out", default="bench/results/science")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        spec = sweep.load_spec(args.spec)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not Path(args.results).is_dir():
+        print(f"error: results folder not found: {args.results}", file=sys.stderr)
+        return 2
+    analysis = report.analyze(spec, args.results)
+    commands = {
+        "the sweep (resumable)": f"hyperp-sweep run --spec {args.spec} --results {args.results} --jobs 2",
+        "this report": f"hyperp-fit --spec {args.spec} --results {args.results} --out {args.out}",
+    }
+    path = report.write(analysis, args.out, commands)
+    for claim, verdict in analysis.verdicts.items():
+        print(f"{claim:14s} {verdict.verdict:14s} {verdict.why}")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m hyperp_megatron.science sweep|fit ...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"sweep": sweep_main, "fit": fit_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m hyperp_megatron.science sweep|fit ... (hyperp-sweep --help, hyperp-fit --help)",
+              file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":
