@@ -1,12 +1,43 @@
+"""Shared fixtures, and the test tiers.
+
+Every test belongs to exactly one tier, named by ``pytest.mark.tier(...)``: per module (``pytestmark``), and a
+test may name another. The closest one counts, and becomes the plain marker that ``-m`` selects:
+
+- ``unit``: one process, seconds each;
+- ``parallel``: multi-process gloo runs (``_dist.run_distributed``) against a single-process reference;
+- ``system``: real torchrun / SLURM / MPI jobs, trainers in subprocesses, long end-to-end runs.
+
+``pytest -m "not system"`` is the quick suite; ``pytest tests`` (``.ci/run``) runs every tier. A test without a
+tier fails collection, so a new test file cannot escape its tier.
+"""
+
 import os
-import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TIERS = ("unit", "parallel", "system")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
+def pytest_collection_modifyitems(config, items):
+    unassigned, wrong = set(), set()
+    for item in items:
+        direct = [name for name in TIERS if item.get_closest_marker(name) is not None]
+        tier = item.get_closest_marker("tier")
+        if direct:
+            wrong.add(f"{item.nodeid}: uses pytest.mark.{direct[0]} directly (name the tier with pytest.mark.tier)")
+        elif tier is None:
+            unassigned.add(item.location[0])
+        elif len(tier.args) != 1 or tier.args[0] not in TIERS:
+            wrong.add(f"{item.nodeid}: pytest.mark.tier({', '.join(map(repr, tier.args))}) names no tier of {TIERS}")
+        else:
+            item.add_marker(tier.args[0])
+    if unassigned or wrong:
+        lines = [f"{path}: no tier (add pytestmark = pytest.mark.tier('unit' | 'parallel' | 'system'))"
+                 for path in sorted(unassigned)] + sorted(wrong)
+        raise pytest.UsageError("test tiers (tests/conftest.py):\n  " + "\n  ".join(lines))
 
 
 @pytest.fixture(scope="session")

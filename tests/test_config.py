@@ -8,6 +8,8 @@ import pytest
 
 from hyperp_megatron.config import load_config, parse_overrides, validate
 
+pytestmark = pytest.mark.tier("unit")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

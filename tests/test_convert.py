@@ -23,6 +23,8 @@ import torch
 
 from trainer_utils import REPO, job_env
 
+pytestmark = pytest.mark.tier("unit")
+
 VOCAB = 8192  # the embedded corpus's tokenizer
 SEQ = 32
 BASE_MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,

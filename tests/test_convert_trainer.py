@@ -23,6 +23,8 @@ from _dist import run_distributed
 from test_convert import merge_results
 from trainer_utils import REPO, TINY, merge
 
+pytestmark = pytest.mark.tier("parallel")
+
 VOCAB = 8192
 STEPS = 2
 LAYOUTS = {  # name: (overrides of tests/trainer_utils.TINY, the target auto must pick)

@@ -8,6 +8,8 @@ import pytest
 
 from _dist import run_distributed
 
+pytestmark = pytest.mark.tier("parallel")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

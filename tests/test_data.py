@@ -15,6 +15,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from hyperp_megatron import data
 
+pytestmark = pytest.mark.tier("unit")
+
 SEQ_LENGTH = 32
 VOCAB_SIZE = 512
 UNICODE_TEXT = "Café déjà vu — naïve coöperation ✓ 🎭\r\n\tTabs,  double  spaces . and ,odd ' x\n\n" * 3
@@ -165,6 +167,7 @@ def _two_rank_blend(rank: int, world_size: int, prefixes: list[str], tokenizer_d
     return {"tokens": [batch["tokens"] for batch in iterator]}
 
 
+@pytest.mark.tier("parallel")
 def test_two_dp_ranks_read_disjoint_samples_of_one_blend(corpus_dir, tokenizer_dir, dataset_prefix, tmp_path):
     second = tmp_path / "records_text_document"
     comedy = corpus_dir / "comedy_of_errors.txt"

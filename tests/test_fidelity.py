@@ -14,6 +14,8 @@ from trainer_utils import TINY, merge, train_worker
 from hyperp_megatron.optim.reference import decay_factor
 from hyperp_megatron.optim.sphere_muon import ParamLayout, SphereMuon
 
+pytestmark = pytest.mark.tier("unit")
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. Muon baseline weight decay: (eta(t) / eta_peak) * wd0 * d0 / d per step
@@ -126,6 +128,7 @@ def test_fp32_residual_is_the_default():
 BF16_RUN = {"train": {"precision": "bf16", "steps": 3}, "optim": {"name": "sphere_muon", "lr": 0.02}}
 
 
+@pytest.mark.tier("parallel")
 def test_fp32_residual_pipeline_parallel_matches_one_stage(tmp_path):
     """PP=2 exchanges the fp32 stream between stages (pipeline_dtype fp32): same losses as PP=1."""
     expected = run_distributed(train_worker, 1, merge(BF16_RUN, {"logging": {"run_dir": str(tmp_path / "pp1")}}))
@@ -177,6 +180,7 @@ def expert_parallel_worker(rank: int, world_size: int) -> dict:
             "per_expert_ep1": _run_experts(list(range(NUM_EXPERTS)), None, None)}
 
 
+@pytest.mark.tier("parallel")
 def test_per_layer_expert_sphere_ep2_equals_ep1():
     results = run_distributed(expert_parallel_worker, 2)
     initial = _expert_weights()

@@ -20,6 +20,8 @@ import torch
 
 from trainer_utils import TINY, merge
 
+pytestmark = pytest.mark.tier("unit")
+
 HIDDEN = 64
 
 

@@ -12,6 +12,8 @@ import torch
 from _dist import run_distributed
 from trainer_utils import TINY, merge, train_worker
 
+pytestmark = pytest.mark.tier("unit")
+
 VOCAB = 256
 SEQ = 32
 
@@ -253,6 +255,7 @@ def test_muon_logit_multiplier(pg_collection):
 GATED = {"model": {"gated_attention": True}, "train": {"steps": 3}}
 
 
+@pytest.mark.tier("parallel")
 def test_gated_attention_tensor_parallel_matches_single_process(embedded_corpus):
     (reference,) = run_distributed(train_worker, 1, GATED)
     assert reference["losses"][-1] < reference["losses"][0]

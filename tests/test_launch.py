@@ -17,6 +17,8 @@ import pytest
 
 from cluster.slurm import SlurmCluster, slurm_cluster, slurm_gpu_cluster  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.tier("system")
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_SCRIPTS = sorted(p for p in (REPO / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
 STAND_IN = "tests/cluster/stand_in.py"
@@ -76,6 +78,7 @@ def wait_finished(cluster: SlurmCluster, job_id: int, tmp_path: Path, timeout: f
 
 # --- every script ---------------------------------------------------------------------------------
 
+@pytest.mark.tier("unit")
 @pytest.mark.parametrize("script", LAUNCH_SCRIPTS, ids=lambda p: p.name)
 def test_script_syntax_and_usage_header(script: Path):
     subprocess.run(["bash", "-n", str(script)], check=True)

@@ -1,7 +1,11 @@
 """Rank discovery from launcher environments (the multi-process paths run for real in test_launch.py,
 test_slurm_training.py and test_resilience.py)."""
 
+import pytest
+
 from hyperp_megatron.parallel import discover_launch_env
+
+pytestmark = pytest.mark.tier("unit")
 
 
 def test_torchrun():

@@ -20,6 +20,8 @@ import torch
 from _dist import run_distributed
 from trainer_utils import REPO, merge, train_worker
 
+pytestmark = pytest.mark.tier("unit")
+
 HIDDEN = 64
 
 
@@ -274,6 +276,7 @@ def _close(actual, expected, rtol=1e-5):
         assert math.isclose(a, e, rel_tol=rtol), f"{actual} vs {expected}"
 
 
+@pytest.mark.tier("parallel")
 def test_moe_reference_learns_and_balances(moe_reference):
     losses, aux = moe_reference
     assert all(math.isfinite(x) for x in losses + aux)
@@ -282,6 +285,7 @@ def test_moe_reference_learns_and_balances(moe_reference):
     assert all(0.9 * gamma * num_layers < a < 2 * gamma * num_layers for a in aux), aux  # ~gamma per layer
 
 
+@pytest.mark.tier("parallel")
 @pytest.mark.parametrize("grouped_gemm", ["auto", "true"], ids=["sequential_mlp", "torch_grouped"])
 @pytest.mark.parametrize("world_size, parallel, dispatcher", [
     (2, {"expert": 2}, "alltoall"),

@@ -28,6 +28,8 @@ import torch
 from _dist import free_port, run_distributed
 from trainer_utils import REPO, TINY, merge, train_worker
 
+pytestmark = pytest.mark.tier("unit")
+
 # ----------------------------------------------------------------------------------------------
 # Pure statistics
 
@@ -400,6 +402,7 @@ def tp1_records(world_of_one, tmp_path_factory):
     return records
 
 
+@pytest.mark.tier("parallel")
 @pytest.mark.parametrize("model,layout", [
     ("dense", {"tensor": 2}),
     ("moe", {"tensor": 2, "sequence_parallel": True}),  # tokens split over TP; expert-TP 2
@@ -429,6 +432,7 @@ def nan_worker(rank, world_size, overrides):
     return result, agreed
 
 
+@pytest.mark.tier("parallel")
 def test_planted_nan_is_skipped_on_every_rank(tp1_records, tmp_path):
     expected = tp1_records("dense")
     results = run_distributed(nan_worker, 2, merge(MONITORED, {
@@ -447,6 +451,7 @@ def test_planted_nan_is_skipped_on_every_rank(tp1_records, tmp_path):
     assert_same_records(monitor_records(tmp_path)[1], expected[1])
 
 
+@pytest.mark.tier("system")
 def test_consecutive_nans_stop_the_run(embedded_corpus, tmp_path):
     config = merge(TINY, {"train": {"steps": 6}, "checkpoint": {"interval": 1, "keep": 0},
                           "debug": {"nan_at_steps": [2, 3, 5]}, "monitor": {"max_consecutive_skips": 2},

@@ -10,6 +10,8 @@ from hyperp_megatron.optim.newton_schulz import (
     supports_distributed_mode,
 )
 
+pytestmark = pytest.mark.tier("unit")
+
 BAND = (0.7, 1.2)
 
 

@@ -20,6 +20,8 @@ from hyperp_megatron.operator_norms import (
     start_vector,
 )
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def matrix(shape, seed=0, rank_one_boost=0.0):
     generator = torch.Generator().manual_seed(seed)
@@ -77,6 +79,7 @@ def tp2_and_tp1():
     return run_distributed(sharded_worker, 2), run_distributed(sharded_worker, 1)[0]
 
 
+@pytest.mark.tier("parallel")
 def test_tp2_equals_tp1_and_the_exact_values(tp2_and_tp1):
     ranks, single = tp2_and_tp1
     exact = {"vocab_parallel": matrix((64, 16), 3, 2.0), "row_parallel": matrix((16, 48), 4, 2.0),

@@ -14,6 +14,8 @@ import pytest
 
 from trainer_utils import REPO, finish, final, launch_torchrun, wait_for_step, worker_pids, write_config
 
+pytestmark = pytest.mark.tier("system")
+
 STEPS = 6
 
 

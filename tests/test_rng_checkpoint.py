@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def _draws(device: torch.device) -> dict:
     """One draw from every stream the trainer's randomness can come from (advances them all)."""

@@ -18,6 +18,8 @@ import torch
 from _dist import run_distributed
 from trainer_utils import TINY, merge, train_worker
 
+pytestmark = pytest.mark.tier("unit")
+
 SEQ = 32
 VOCAB = 256
 
@@ -231,12 +233,14 @@ def tp1_models():
     return run_distributed(_model_parity_worker, 1, 1)[0]
 
 
+@pytest.mark.tier("parallel")
 def test_models_match_megatron_attention_tp1(tp1_models):
     for case, result in tp1_models.items():
         assert result["logits_diff"] < 1e-5 * float(result["logits"].abs().max()), (case, result["logits_diff"])
         assert result["grad_diff"] < 5e-5, (case, result["grad_diff"])  # relative to each gradient's max entry
 
 
+@pytest.mark.tier("parallel")
 def test_models_match_megatron_attention_tp2(tp1_models):
     for rank_results in run_distributed(_model_parity_worker, 2, 2):
         for case, result in rank_results.items():
@@ -255,6 +259,7 @@ def _train_both(rank, world_size, overrides):
             for backend in ("sdpa", "megatron_local")}
 
 
+@pytest.mark.tier("parallel")
 def test_training_losses_match_megatron_attention(embedded_corpus, tmp_path):
     """4 AdamW steps of the tiny gated model (GQA, QK-norm, HyperP scale): the same losses to 1e-6 relative
     (measured: 3e-8)."""

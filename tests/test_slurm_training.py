@@ -17,6 +17,8 @@ import pytest
 from cluster.slurm import slurm_cluster  # noqa: F401 - fixture
 from trainer_utils import REPO, finish, final, job_env, launch_torchrun, wait_for_step, write_config
 
+pytestmark = pytest.mark.tier("system")
+
 STEPS = 6
 VENV_BIN = Path(sys.executable).parent
 LAYOUT = {"train": {"steps": STEPS}, "parallel": {"tensor": 2}}

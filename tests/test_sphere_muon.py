@@ -12,6 +12,8 @@ from hyperp_megatron.optim import ParamLayout, QKVSplit, ReferenceOptimizer, Sph
 from hyperp_megatron.optim.newton_schulz import newton_schulz5
 from hyperp_megatron.optim.reference import scaled_sphere_step
 
+pytestmark = pytest.mark.tier("unit")
+
 HIDDEN, HEAD_DIM, NUM_HEADS, NUM_QUERY_GROUPS, VOCAB, NUM_EXPERTS = 32, 8, 4, 2, 64, 4
 Q_ROWS_PER_GROUP = NUM_HEADS // NUM_QUERY_GROUPS * HEAD_DIM
 LR = 0.02

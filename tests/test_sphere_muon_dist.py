@@ -26,6 +26,8 @@ from test_sphere_muon import (
 
 from hyperp_megatron.optim.newton_schulz import newton_schulz5, orthogonalize
 
+pytestmark = pytest.mark.tier("parallel")
+
 WORLD_SIZE = 2
 NUM_STEPS = 5
 TOLERANCE = 1e-5

@@ -20,6 +20,8 @@ import pytest
 from _dist import run_distributed
 from trainer_utils import TINY, merge, train_worker
 
+pytestmark = pytest.mark.tier("parallel")
+
 STEPS = 5
 SAVE_AT = 3
 SPHERE = {"optim": {"name": "sphere_muon", "lr": 0.05}, "train": {"steps": STEPS}}

@@ -8,6 +8,8 @@ import pytest
 from _dist import run_distributed
 from trainer_utils import train_worker
 
+pytestmark = pytest.mark.tier("parallel")
+
 STEPS = 4
 
 
