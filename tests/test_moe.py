@@ -236,14 +236,16 @@ MOE_MODEL = {"ffn_hidden_size": 192,  # s = 3, k = 3 with a shared expert: 8 rou
 # weights enough in 4 steps.
 OPTIMIZER = {"name": "sphere_muon", "lr": 0.1}
 NUM_LAYERS = 2
-# Measured maxima in bench/results/parity.json; bounds a small margin above them.
-LOSS_RTOL = 1e-6  # LM loss and per-layer aux loss, every step
-MICRO_BATCH_STEP1_MATRIX_RTOL = 1e-1  # DP=2 x 2 vs DP=1 x 4 micro-batches: measured, see the test
-MICRO_BATCH_LOSS_RTOL = 1e-1
-MICRO_BATCH_AUX_RTOL = 1e-1
-STEP1_MATRIX_RTOL = 1e-6
-FINAL_MATRIX_RTOL = 2e-4
-FINAL_ADAM_FRO_RTOL = 5e-3
+# Bounds a small margin above the largest value measured (bench/results/parity.json; see
+# trainer_utils.parity for why final weights agree less closely than losses and the first step).
+LOSS_RTOL = 1e-6  # LM loss, every step: measured <= 2.1e-7 (TP=2 x EP=2)
+AUX_RTOL = 3e-6  # every layer's aux loss, every step: 8.1e-7
+STEP1_MATRIX_RTOL = 1e-5  # 2.9e-6
+FINAL_MATRIX_RTOL = 3e-4  # 8.3e-5
+FINAL_ADAM_FRO_RTOL = 1e-2  # 4.2e-3
+# DP=2 x 2 vs DP=1 x 4 micro-batches (see the test): steps 2-4 differ through the aux-loss gradient
+MICRO_BATCH_LOSS_RTOL = 2e-3  # measured 6.9e-4
+MICRO_BATCH_AUX_RTOL = 4e-2  # 1.4e-2
 
 
 def moe_overrides(micro_batch_size: int, parallel: dict | None = None, dispatcher: str = "alltoall",
@@ -332,7 +334,7 @@ def check_moe_parity(measured, name: str, run: dict, reference: dict) -> dict:
     errors = {**parity(run, reference, "sphere_muon"), "aux_rel": _aux_rel(run, reference)}
     measured("parity/moe_sphere_muon_trainer", name, errors)
     assert errors["replica_spread"] == 0.0, errors
-    assert errors["loss_rel"] <= LOSS_RTOL and errors["aux_rel"] <= LOSS_RTOL, errors
+    assert errors["loss_rel"] <= LOSS_RTOL and errors["aux_rel"] <= AUX_RTOL, errors
     assert errors["step1"]["matrix_max_rel"] <= STEP1_MATRIX_RTOL, errors
     assert errors["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, errors
     assert errors["final"]["adam_fro_rel"] <= FINAL_ADAM_FRO_RTOL, errors
@@ -370,7 +372,7 @@ def test_control_moe_load_statistics_local_is_caught(moe_single, moe_two, measur
         check_moe_parity(lambda *args: None, "control", mutant, reference)
     aux_rel = _aux_rel(mutant, reference)
     measured("controls", "moe_load_statistics_local/ep2_aux_rel", aux_rel)
-    assert aux_rel > 100 * LOSS_RTOL, aux_rel
+    assert aux_rel > 100 * AUX_RTOL, aux_rel
 
 
 def test_several_micro_batches_across_data_parallel_layouts(moe_single, moe_two, measured):
@@ -378,8 +380,10 @@ def test_several_micro_batches_across_data_parallel_layouts(moe_single, moe_two,
 
     Step 1 (same weights): the LM loss and every layer's aux loss agree, because the logged aux loss
     uses f over the whole step. The gradient of micro-batch m can only use f of micro-batches 1..m (a
-    running mean: its backward runs before later ones are routed), which differs between the layouts,
-    so later steps drift apart by a bounded amount; with gamma = 0 they agree like any other layout.
+    running mean, as in Megatron: its backward runs before later ones are routed), which differs between
+    the layouts (2, 4, 6, 8 sequences vs 4, 8), so the updates differ (the router's most) and later
+    steps drift apart by a measured bound. With gamma = 0 they agree like any other layout: the aux-loss
+    gradient is the only difference.
     """
     one, two = moe_single["dp1_4_micro"], moe_two["dp2_2_micro"]
     step1 = {"loss_rel": abs(two["losses"][0] / one["losses"][0] - 1),
@@ -387,8 +391,7 @@ def test_several_micro_batches_across_data_parallel_layouts(moe_single, moe_two,
     drift = {**parity(two, one, "sphere_muon"), "aux_rel": _aux_rel(two, one)}
     no_aux = parity(moe_two["dp2_2_micro_no_aux"], moe_single["dp1_4_micro_no_aux"], "sphere_muon")
     measured("moe_micro_batches", "dp2x2_vs_dp1x4", {"step1": step1, "all_steps": drift, "gamma0": no_aux})
-    assert step1["loss_rel"] <= LOSS_RTOL and step1["aux_rel"] <= LOSS_RTOL, step1
-    assert drift["step1"]["matrix_max_rel"] <= MICRO_BATCH_STEP1_MATRIX_RTOL, drift
+    assert step1["loss_rel"] <= LOSS_RTOL and step1["aux_rel"] <= AUX_RTOL, step1
     assert drift["loss_rel"] <= MICRO_BATCH_LOSS_RTOL and drift["aux_rel"] <= MICRO_BATCH_AUX_RTOL, drift
     assert no_aux["loss_rel"] <= LOSS_RTOL and no_aux["step1"]["matrix_max_rel"] <= STEP1_MATRIX_RTOL, no_aux
     assert no_aux["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, no_aux
