@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     report.update(pytest_command="pytest -q " + " ".join(args.paths), wall_s=round(wall, 1),
                   outcomes=dict(outcomes), load=load.summary(),
                   seconds_per_file={k: round(v, 1) for k, v in sorted(per_file.items(), key=lambda kv: -kv[1])},
-                  slowest_tests=[{"test": name, "seconds": round(s, 1)} for s, name in sorted(tests, reverse=True)[:15]])
+                  slowest_tests=[{"test": name, "seconds": round(seconds, 1)}
+                                 for seconds, name in sorted(tests, reverse=True)[:15]])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -393,7 +393,7 @@ def tp1_records(world_of_one, tmp_path_factory):
     ("moe", {"tensor": 2, "sequence_parallel": True}),  # tokens split over TP; expert-TP 2
     ("moe", {"expert": 2}),  # DP 2: tokens split over replicas; experts over EP
 ], ids=["tp2", "moe_tp2_sp", "moe_ep2"])
-def test_parallel_records_equal_tp1(tp1_records, model, layout, tmp_path, measured):
+def test_parallel_records_equal_tp1_with_control(tp1_records, model, layout, tmp_path, measured):
     """Control (same process group): with the monitors' all-reduces skipped (each rank reports its own
     partial statistics) the records no longer match."""
     expected = tp1_records(model)

@@ -81,32 +81,40 @@ def test_preemption_signal_to_one_rank_checkpoints_and_resumes(tmp_path, uninter
     assert result["loss"] == uninterrupted["loss"]
 
 
-def test_kill9_at_random_step_then_relaunch_resumes_bit_identical(tmp_path, uninterrupted):
-    """Sphere Muon (momentum and radii in the checkpoint). Control: the same relaunch with
-    ``maybe_resume`` returning a fresh state (restart from step 0) also reaches the uninterrupted
-    digest, since training is deterministic; only the resumed-step check tells them apart."""
-    expected = uninterrupted("sphere_muon")["weights_digest"]
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, embedded_corpus):
+    """A sphere-Muon run (momentum and radii in the checkpoint) killed with SIGKILL at a random step
+    (torchrun and both workers, mid-step or mid-save), and a copy of its run directory."""
+    tmp_path = tmp_path_factory.mktemp("kill9")
     run_dir = tmp_path / "kill9"
     config = _cfg(tmp_path, run_dir, "sphere_muon", checkpoint={"interval": 2})
     proc = launch_torchrun(config)
     wait_for_step(run_dir, random.Random(os.getpid()).randint(3, STEPS - 1), proc)  # step 2 is saved by then
     victims = [proc.pid, *worker_pids(proc)]
-    for pid in victims:  # torchrun and both workers, mid-step or mid-save
+    for pid in victims:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([psutil.Process(p) for p in victims if psutil.pid_exists(p)], timeout=30)
-    mutant_dir = tmp_path / "kill9_mutant"
-    shutil.copytree(run_dir, mutant_dir)  # the same killed state, relaunched by the mutant below
+    shutil.copytree(run_dir, tmp_path / "kill9_copy")  # the same killed state, for the control
+    return config, run_dir, tmp_path / "kill9_copy"
 
+
+def test_kill9_at_random_step_then_relaunch_resumes_bit_identical(killed, uninterrupted):
+    config, run_dir, _ = killed
     code, out = finish(launch_torchrun(config))
     assert code == 0, out[-3000:]
     check_resumed(out, 2)
-    assert final(run_dir)["weights_digest"] == expected
+    assert final(run_dir)["weights_digest"] == uninterrupted("sphere_muon")["weights_digest"]
 
-    code, out = finish(launch_torchrun(config, "--logging.run_dir", str(mutant_dir),
-                                       mutation="resume_restarts_from_step_0"))
+
+def test_control_resume_restarts_from_step_0_is_caught(killed, uninterrupted):
+    """Negative control: a relaunch whose ``maybe_resume`` returns a fresh state (restart from step 0)
+    also reaches the uninterrupted digest, since training is deterministic: the digest alone cannot
+    tell; the resumed-step check does."""
+    config, _, copy = killed
+    code, out = finish(launch_torchrun(config, "--logging.run_dir", str(copy), mutation="resume_restarts_from_step_0"))
     assert code == 0, out[-3000:]
-    assert final(mutant_dir)["weights_digest"] == expected  # the digest alone passes the mutant
+    assert final(copy)["weights_digest"] == uninterrupted("sphere_muon")["weights_digest"]
     with pytest.raises(AssertionError, match="did not resume"):
         check_resumed(out, 2)
 
