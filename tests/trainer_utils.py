@@ -177,3 +177,74 @@ def parity(result: dict, reference: dict, optimizer: str) -> dict:
     if result.get("weights_step1") is not None and reference.get("weights_step1") is not None:
         summary["step1"] = weight_parity(result["weights_step1"], reference["weights_step1"], optimizer)
     return summary
+
+
+# ---- real torchrun jobs (subprocesses) -----------------------------------------------------------
+
+
+def write_config(tmp_path: Path, run_dir: Path, merge_into: dict | None = None, **extra) -> Path:
+    """A YAML config for ``run_dir`` (TINY + ``merge_into`` + ``extra`` sections) in ``tmp_path``."""
+    cfg = merge(TINY, {"logging": {"run_dir": str(run_dir)},
+                       "checkpoint": {"save_final": True, "resume": True, "keep": 3}})
+    cfg = merge(merge(cfg, merge_into or {}), extra)
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def job_env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def launch_torchrun(config: Path, *overrides: str, nproc: int = 2, mutation: str | None = None) -> subprocess.Popen:
+    """The trainer under torchrun; with ``mutation``, through ``tests/mutants.py`` with that mutation."""
+    entry = ["-m", "hyperp_megatron.train"] if mutation is None else [os.path.join(REPO, "tests", "mutants.py"),
+                                                                       mutation]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           *entry, "--config", str(config), *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while steps_logged(run_dir) < step:
+        assert proc is None or proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, "training did not reach the step in time"
+        time.sleep(0.2)
+
+
+def worker_pids(proc: subprocess.Popen) -> list[int]:
+    pids = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:  # a short-lived helper process may exit (or be a zombie) while we look
+            cmdline = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if "hyperp_megatron.train" in cmdline or "mutants.py" in cmdline:
+            pids.append(child.pid)
+    return pids
+
+
+def resumed_step(output: str) -> int | None:
+    """The step a relaunched job resumed from (its "[hyperp] resumed from ... at step N" line), or None."""
+    lines = [line for line in output.splitlines() if line.startswith("[hyperp] resumed from ")]
+    assert len(lines) <= 1, lines
+    return int(lines[0].rsplit("at step", 1)[1]) if lines else None
+
+
+def final(run_dir: Path) -> dict:
+    return json.loads((run_dir / "final.json").read_text())
