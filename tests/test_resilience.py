@@ -5,6 +5,7 @@ a random step, then relaunch, resumes from the last checkpoint and gives bit-ide
 resumed-step check catches it). A truncated latest checkpoint is detected and the previous one used.
 Bad input fails with one line from rank 0."""
 
+import contextlib
 import os
 import random
 import shutil
@@ -90,9 +91,12 @@ def killed(tmp_path_factory, embedded_corpus):
     config = _cfg(tmp_path, run_dir, "sphere_muon", checkpoint={"interval": 2})
     proc = launch_torchrun(config)
     wait_for_step(run_dir, random.Random(os.getpid()).randint(3, STEPS - 1), proc)  # step 2 is saved by then
-    victims = [proc.pid, *worker_pids(proc)]
+    # torchrun, both workers and their helper processes (dist_checkpointing's), as a node failure would
+    victims = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
+    assert len(worker_pids(proc)) == 2
     for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([psutil.Process(p) for p in victims if psutil.pid_exists(p)], timeout=30)
     shutil.copytree(run_dir, tmp_path / "kill9_copy")  # the same killed state, for the control
