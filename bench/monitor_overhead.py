@@ -56,10 +56,10 @@ def parse_args(argv):
 def build(config_path: str, overrides: list[str], steps: int):
     import torch
 
-    from hyperp_megatron.compat import apply_cpu_patches
+    from hyperp_megatron.compat import apply_patches
     from hyperp_megatron.config import load_config, validate
     from hyperp_megatron.monitors import StabilityMonitor
-    from hyperp_megatron.parallel import discover_launch_env, init_process_group
+    from hyperp_megatron.parallel import decide_device, discover_launch_env, init_process_group
     from hyperp_megatron.train import _train_iterator, setup
 
     env = discover_launch_env(os.environ)
@@ -67,11 +67,12 @@ def build(config_path: str, overrides: list[str], steps: int):
                                                 "--logging.tensorboard", "false", "--train.steps", str(steps),
                                                 "--monitor.interval", str(INTERVAL)])
     validate(cfg, env.world_size)
-    if not torch.cuda.is_available():
+    device = decide_device(cfg.parallel, env.local_rank)
+    if device.type == "cpu":
         torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
-    apply_cpu_patches()
-    init_process_group(env, cfg.parallel)
-    session = setup(cfg, env.world_size, env.rank)
+    apply_patches(device)
+    init_process_group(env, cfg.parallel, device)
+    session = setup(cfg, env.world_size, env.rank, device)
     for group in session.optimizer.param_groups:
         group["lr"] = session.peak_lr
     monitor = StabilityMonitor(cfg.monitor, cfg.model, session.model_chunks, session.optimizer,
@@ -87,8 +88,8 @@ def timed_block(session, iterator, monitor) -> list[float]:
     for index in range(INTERVAL):
         started = time.perf_counter()
         session.runner.train_step(iterator, monitor if monitor is not None and index == INTERVAL - 1 else None)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if session.device.type == "cuda":
+            torch.cuda.synchronize(session.device)
         times.append(time.perf_counter() - started)
     return times
 

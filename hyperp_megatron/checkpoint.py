@@ -5,7 +5,8 @@ Layout of ``<run_dir>/checkpoints``::
     step_000100/            a complete checkpoint (dist_checkpointing files + our files)
         manifest.json       every file's size and sha256, written last, verified on load
         train_state.json    step, consumed samples, config, derived values
-        rng_rank00000.pt    per-rank RNG states (restored only in the same layout)
+        rng_rank00000.pt    per-rank RNG states: python, numpy, torch CPU, CUDA and Megatron's
+                            tensor-parallel RNG tracker; restored only under the same layout key
     step_000100.tmp-<n>/    being written; never loaded, removed when found stale
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
@@ -13,6 +14,14 @@ A checkpoint becomes visible only when complete: all ranks write into a temporar
 writes the manifest, renames the directory, then replaces ``latest``. A kill at any moment leaves
 either the previous ``latest`` or the new complete one. On load the manifest is checked; a corrupt
 or truncated checkpoint is reported and the previous complete one is used.
+
+What a resume guarantees. On the CPU with one intra-op thread per process, and on a GPU with
+``train.deterministic``, a run resumed in the same layout is bit-identical to the uninterrupted one
+(weights digest; ``tests/test_resilience.py``, ``bench/gpu_check.py``). On a GPU without deterministic
+algorithms, cuBLAS / atomics reduction orders vary from run to run, so a resumed run's next losses
+equal the uninterrupted run's within 1e-4 relative (fp32; checked by ``bench/gpu_check.py``). In another
+layout the weights and optimizer state reshard exactly, but the RNG streams are not restored (they
+are per rank), and the next losses agree within the layout tolerance.
 """
 
 from __future__ import annotations
@@ -114,14 +123,57 @@ def find_resumable(root: Path, log=print) -> Path | None:
     return None
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def capture_rng_state(device: torch.device) -> dict:
+    """Every RNG stream of this process: python, numpy, torch's CPU generator, the CUDA generator of
+    ``device`` (on a GPU) and Megatron's tracker (model-, expert- and data-parallel streams, which
+    drive tensor-parallel dropout; on the CPU they are CPU generator states, see ``compat/cpu.py``)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    device = torch.device(device)
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "tracker": {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()},
+    }
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Set every stream :func:`capture_rng_state` captured (same device type)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+    get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+def _rng_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / f"rng_rank{rank:05d}.pt"
+
+
+def save_rng(ckpt_dir: Path, rank: int, key: dict, device: torch.device) -> None:
+    """This rank's RNG streams, with the layout ``key`` they belong to (``parallel.layout_key``)."""
+    torch.save({"key": key, "state": capture_rng_state(device)}, _rng_file(ckpt_dir, rank))
+
+
+def load_rng(ckpt_dir: Path, rank: int, key: dict, device: torch.device) -> str | None:
+    """Restore this rank's RNG streams if they were saved under ``key``; else say why not."""
+    path = _rng_file(ckpt_dir, rank)
+    if not path.is_file():
+        return f"no {path.name}"
+    saved = torch.load(path, weights_only=False)
+    if saved.get("key") != key:
+        return f"saved for layout {saved.get('key')}, this run is {key}"
+    restore_rng_state(saved["state"], device)
+    return None
+
+
+def _default_rng_key(device: torch.device) -> dict:
+    return {"world_size": dist.get_world_size(), "device": device.type}
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -146,10 +198,10 @@ def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) 
     return state
 
 
-def _check_finite_weights(model_chunks: list, step: int) -> None:
+def _check_finite_weights(model_chunks: list, step: int, device: torch.device) -> None:
     """Raise NonFiniteStateError on every rank if any rank holds a non-finite weight (collective)."""
     params = [p.detach() for chunk in model_chunks for p in chunk.parameters()]
-    bad = torch.zeros(1, device=params[0].device if params else "cpu")
+    bad = torch.zeros(1, device=device)
     for param in params:
         bad += (~torch.isfinite(param)).sum()
     # World all-reduce: every rank refuses together, so no rank starts the (collective) save alone.
@@ -159,12 +211,19 @@ def _check_finite_weights(model_chunks: list, step: int) -> None:
                                   "over ranks) are NaN or infinite; the previous checkpoint is kept")
 
 
-def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2) -> Path:
+def _model_device(model_chunks: list) -> torch.device:
+    return next(p.device for chunk in model_chunks for p in chunk.parameters())
+
+
+def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2, *,
+         rng_key: dict | None = None) -> Path:
     """Save a complete checkpoint for ``state.step`` (collective: every rank calls it); refuses a state
-    with non-finite weights (:class:`NonFiniteStateError`)."""
+    with non-finite weights (:class:`NonFiniteStateError`). ``rng_key``: the layout the RNG streams
+    belong to (``parallel.layout_key``; default: world size and device type)."""
     from megatron.core import dist_checkpointing
 
-    _check_finite_weights(model_chunks, state.step)
+    device = _model_device(model_chunks)
+    _check_finite_weights(model_chunks, state.step, device)
     rank = dist.get_rank()
     final = root / f"step_{state.step:06d}"
     tmp = root / f"step_{state.step:06d}.tmp"
@@ -175,7 +234,7 @@ def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: di
         tmp.mkdir()
     dist.barrier()
     dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    save_rng(tmp, rank, rng_key or _default_rng_key(device), device)
     dist.barrier()
     if rank == 0:
         _write_json_atomic(tmp / STATE, {"train_state": vars(state), "world_size": dist.get_world_size(), **extra})
@@ -203,18 +262,23 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = True) -> tuple[TrainState, dict]:
-    """Load a checkpoint into the (possibly differently laid out) model and optimizer."""
+def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = True, *,
+         rng_key: dict | None = None, log=print) -> tuple[TrainState, dict]:
+    """Load a checkpoint into the (possibly differently laid out) model and optimizer; the RNG streams
+    only when saved under the same ``rng_key`` (see :func:`save`)."""
     from megatron.core import dist_checkpointing
 
     meta = json.loads((ckpt_dir / STATE).read_text())
+    # A weights-only checkpoint (a Hugging Face import, hyperp_megatron.convert) starts a fresh optimizer.
+    load_optimizer = load_optimizer and not meta.get("weights_only", False)
     sharded = sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    rng_file = ckpt_dir / f"rng_rank{dist.get_rank():05d}.pt"
-    if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    device = _model_device(model_chunks)
+    problem = load_rng(ckpt_dir, dist.get_rank(), rng_key or _default_rng_key(device), device)
+    if problem and dist.get_rank() == 0:
+        log(f"[hyperp] RNG streams not restored from {ckpt_dir.name} ({problem}); weights and optimizer state loaded")
     return TrainState(**meta["train_state"]), meta

@@ -35,8 +35,10 @@ class MoEConfig:
     token_dispatcher: str = "alltoall"
     """Megatron token dispatcher: 'alltoall' or 'allgather'."""
     grouped_gemm: str = "auto"
-    """Experts as Transformer Engine grouped GEMMs (TEGroupedMLP, one weight per expert): 'auto' (when TE
-    and a GPU are present), 'true' (required) or 'false' (Megatron's SequentialMLP, the CPU path)."""
+    """Grouped-GEMM experts (one weight per expert either way): 'auto' (on a GPU: Transformer Engine's
+    TEGroupedMLP when TE is installed, else torch._grouped_mm experts; on CPU: Megatron's SequentialMLP),
+    'true' (grouped experts on any device; on CPU the torch experts loop over experts) or 'false'
+    (SequentialMLP)."""
 
     def __post_init__(self):
         _check_choice("model.moe.gate", self.gate, ("sqrt", "plain"))
@@ -85,6 +87,8 @@ class ModelConfig:
     """Vocabulary size; default: the tokenizer's (padded to a multiple of 128 * TP)."""
     rotary_base: int = 10000
     """RoPE base."""
+    norm_epsilon: float = 1e-6
+    """Epsilon of every RMSNorm (layer norms, QK-norm); imported Llama checkpoints often use 1e-5."""
     parameterization: str = "hyperp"
     """'hyperp' (sphere init, 1/sqrt(2d) branch multiplier, softmax scale sqrt(128)/hd), 'muon' (the
     Muon baseline: the HyperP architecture with output logits multiplied by hyperp.base_depth / d) or
@@ -93,18 +97,29 @@ class ModelConfig:
     """RMSNorm over the head dim on queries and keys, before RoPE."""
     gated_attention: bool = False
     """Per-head sigmoid output gate (HyperP optional)."""
+    fp32_residual: bool = True
+    """Keep the residual stream in fp32 in bf16 runs, as the HyperP reference (norms read it in fp32 and
+    hand bf16 to the linear layers; model/residual.py). No effect in fp32 runs."""
     init_method_std: float = 0.02
     """Init std for 'standard' parameterization (and the output layer under HyperP)."""
     transformer_impl: str = "auto"
-    """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine'."""
+    """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine' (refused
+    without TE and a GPU)."""
+    attention_backend: str = "auto"
+    """Core attention: 'auto' (TE's fused attention with TE layers, else 'sdpa'), 'sdpa' (torch
+    scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels, no s x s scores) or
+    'megatron_local' (Megatron's unfused DotProductAttention: keeps b x heads x s x s scores)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts settings."""
 
     def __post_init__(self):
         _check_choice("model.parameterization", self.parameterization, ("hyperp", "muon", "standard"))
+        _check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "megatron_local"))
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not self.norm_epsilon > 0:
+            raise ValueError(f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -206,9 +221,10 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup steps."""
     weight_decay: float = 0.0
-    """Decoupled weight decay of the matrix rules: the sphere matrices under sphere_muon (a first-order no-op
-    that cannot shrink the sphere), the baseline's wd0 under muon (wd0 d0/d with hyperp.enabled), all
-    decaying params under adamw. Embeddings and norm gains never decay under sphere_muon / muon."""
+    """Decoupled weight decay of the matrix rules: the sphere matrices under sphere_muon (eta(t) wd per step, a
+    first-order no-op that cannot shrink the sphere), the baseline's wd0 under muon (lambda = wd0 d0/d with
+    hyperp.enabled, applied as (eta(t)/eta_peak) lambda per step, independent of the LR's size, as the
+    reference), all decaying params under adamw. Embeddings and norm gains never decay under sphere_muon / muon."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.95
@@ -221,10 +237,15 @@ class OptimConfig:
     """Muon momentum (Nesterov)."""
     ns_mode: str = "gather"
     """Tensor-parallel Newton-Schulz: 'gather' or 'distributed' (Gram all-reduce)."""
+    expert_sphere: str = "per_expert"
+    """Routed-expert spheres under sphere_muon: 'per_expert' (each expert its own sphere; results do not
+    depend on EP) or 'per_layer' (all routed experts of a layer on one sphere, as the reference's block of
+    experts on one GPU, made EP-invariant by an all-reduce over the expert-parallel group; an ablation)."""
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sphere_muon", "muon", "adamw"))
         _check_choice("optim.ns_mode", self.ns_mode, ("gather", "distributed"))
+        _check_choice("optim.expert_sphere", self.expert_sphere, ("per_expert", "per_layer"))
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -256,16 +277,30 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = cores / local processes)."""
     fp8: str | None = None
-    """FP8 through Transformer Engine: None, 'e4m3' or 'hybrid' (needs TE layers and a GPU; master
-    weights and optimizer state stay fp32, the output layer stays in high precision)."""
+    """FP8 through Transformer Engine: None, 'e4m3' or 'hybrid' (needs TE layers on a GPU of compute capability
+    >= 8.9, refused otherwise; master weights and optimizer state stay fp32, the output layer stays in high
+    precision)."""
     fp8_recipe: str = "delayed"
     """TE FP8 recipe: 'delayed', 'tensorwise', 'blockwise' (Hopper) or 'mxfp8' (Blackwell)."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: steps of max-|x| history each FP8 scale is computed from."""
+    fp8_amax_compute_algo: str = "max"
+    """Delayed scaling: 'max' (largest amax in the history) or 'most_recent'."""
+    deterministic: bool = False
+    """GPU: deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS workspace config, Megatron's
+    deterministic_mode), so a rerun or a resume in the same layout is bit-identical; slower. Without it a
+    resume on GPU reproduces the next losses within 1e-4 relative (fp32). On the CPU runs are bit-identical
+    with one thread per process (train.threads 1; with several threads runs were measured to differ in the
+    last bits)."""
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))
         if self.fp8 is not None:
             _check_choice("train.fp8", self.fp8, ("e4m3", "hybrid"))
         _check_choice("train.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise", "mxfp8"))
+        _check_choice("train.fp8_amax_compute_algo", self.fp8_amax_compute_algo, ("max", "most_recent"))
+        if self.fp8_amax_history_len < 1:
+            raise ValueError(f"train.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -337,6 +372,13 @@ class MonitorConfig:
     """Attention Z: query heads, evenly spaced over all heads (0 = every head)."""
     outlier_sigma: float = 5.0
     """A branch-output element is an outlier when |x - mu_t| > outlier_sigma * sigma_t (per token)."""
+    operator_norms: str = "output"
+    """Operator norms logged with the indicators (``operator_norms.py``): 'output' (the output layer's
+    RMS->infinity norm sqrt(fan_in) max_i ||row_i|| and RMS->RMS norm sqrt(fan_in/fan_out) sigma_max),
+    'all' (also every hidden matrix's RMS->RMS norm and sigma_max / ||W||_F) or 'off'."""
+    power_iterations: int = 2
+    """Power iterations per monitor step for sigma_max (the vector is kept between monitor steps; a matrix's
+    first estimate gets 5x as many)."""
     max_consecutive_skips: int = 5
     """Stop the run (non-zero exit) after this many consecutive steps with a non-finite loss or
     gradient norm (each such step is skipped: weights and optimizer state stay unchanged)."""
@@ -347,6 +389,9 @@ class MonitorConfig:
                 raise ValueError(f"monitor.{name} must be >= 0, got {getattr(self, name)}")
         if not self.outlier_sigma > 0:
             raise ValueError(f"monitor.outlier_sigma must be > 0, got {self.outlier_sigma}")
+        _check_choice("monitor.operator_norms", self.operator_norms, ("off", "output", "all"))
+        if self.power_iterations < 1:
+            raise ValueError(f"monitor.power_iterations must be >= 1, got {self.power_iterations}")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"monitor.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
 
@@ -559,6 +604,9 @@ def validate(cfg: Config, world_size: int) -> None:
                              "(Megatron's MoE layer refuses to train without it)")
         if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
             raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
+        if cfg.optim.expert_sphere == "per_layer" and p.distributed_optimizer and cfg.optim.name == "sphere_muon":
+            raise ValueError("optim.expert_sphere per_layer does not work with parallel.distributed_optimizer "
+                             "(layer-wise updates split a layer's experts over ranks): use per_expert or turn it off")
     elif p.expert > 1:
         raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
     for prefix in cfg.data.prefixes:

@@ -595,23 +595,26 @@ class PretrainingSampler:
 
 def build_data_iterator(
     dataset: torch.utils.data.Dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-    num_workers: int = 0,
+    num_workers: int = 0, pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Iterator over collated micro-batches of ``dataset`` for one data-parallel rank.
 
     ``consumed_samples`` counts samples over all DP ranks (Megatron's convention), so a resumed run
     passes the value saved in its checkpoint. Ranks of one DP rank in other parallel groups (TP, PP)
-    get identical batches when they pass the same ``dp_rank``.
+    get identical batches when they pass the same ``dp_rank``. ``pin_memory`` (for a GPU): batches in
+    page-locked memory, so :func:`get_batch`'s copies are asynchronous.
     """
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
     return iter(loader)
 
 
-def get_batch(data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device | str = "cpu") -> dict:
-    """Next micro-batch as the GPT forward step wants it.
+def get_batch(data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device | str) -> dict:
+    """Next micro-batch as the GPT forward step wants it, on ``device`` (``non_blocking`` copies: overlap
+    with compute when the batch is pinned).
 
     Returns ``tokens``, ``labels``, ``position_ids`` ([b, s] int64), ``loss_mask`` ([b, s] float) and
     ``attention_mask`` ([b, 1, s, s] bool, True = masked) or None when the dataset creates none

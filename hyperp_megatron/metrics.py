@@ -9,6 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import torch
 import yaml
 
 _PACKAGES = ("torch", "megatron-core", "numpy", "tokenizers", "transformers", "transformer-engine", "mpi4py")
@@ -44,6 +45,16 @@ def run_info(extra: dict | None = None) -> dict:
         "argv": sys.argv,
         **(extra or {}),
     }
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory of this process since it started, allocated by tensors and reserved by the
+    caching allocator (GiB); empty on the CPU."""
+    if device.type != "cuda":
+        return {}
+    gib = float(1 << 30)
+    return {"mem_peak_alloc_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "mem_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
 
 
 def write_run_files(run_dir: Path, config: dict, info: dict) -> None:

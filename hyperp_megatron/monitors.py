@@ -21,14 +21,21 @@ layers (``monitor/<name>``):
 ``attn_outlier_pct``, ``mlp_outlier_pct``  percent of elements of ``h`` with
                       ``|x - mu_t| > outlier_sigma * sigma_t`` (mean and population std per token over
                       the hidden dim).
-``maxvio``            ``(max_e f_e - mean f) / mean f`` of the top-k assignment counts of the step's
-                      global batch, per MoE layer.
+``maxvio``            ``(max_e f_e - mean f) / mean f`` of the top-k assignment counts of the LAST
+                      micro-batch of the step (over all data/expert-parallel ranks), per MoE layer: the
+                      value the reference logs (its training loop reports the last micro-batch's router).
+``maxvio_step``       the same over the whole step's global batch (all micro-batches).
+
+Layer means (``monitor/<name>``) are arithmetic means over the layers, except ``attn_rms`` and ``mlp_rms``:
+their layer mean is the quadratic mean ``sqrt(mean_l rms_l^2)``, as the paper's plots average them.
 
 and, once per monitor step: ``grad_norm_matrix`` / ``grad_norm_other`` (pre-clip, over Megatron's
 grad-norm groups, so ``matrix^2 + other^2 = grad_norm^2``; hidden matrices = the sphere-Muon roles of
 ``optim.param_groups``), ``lr/<optimizer>.<group>`` (every param group of every rank) and
 ``sphere_radius_drift`` = max over sphere pieces of ``| ||W|| / R - 1 |`` (sphere Muon only; ``R`` from
-the optimizer state).
+the optimizer state); the operator norms of ``operator_norms.OperatorNormMonitor`` (``monitor.operator_norms``):
+``output_rms_inf``, ``output_rms_rms`` and, with 'all', ``hidden_rms_rms_mean`` / ``_max`` and
+``hidden_spectral_ratio_mean``.
 
 Reductions. Activation statistics are (sum, count) pairs indexed by global layer, summed over the
 whole world in ONE all-reduce: layers are disjoint across PP stages, tokens across DP replicas (and
@@ -52,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron.config import ModelConfig, MonitorConfig
+from hyperp_megatron.operator_norms import OperatorNormMonitor
 
 PREFIX = "monitor/"
 LAYER_STATS = ("attn_z", "router_z", "attn_rms", "mlp_rms", "attn_outlier_pct", "mlp_outlier_pct")
@@ -105,6 +113,13 @@ def branch_statistics(h: torch.Tensor, outlier_sigma: float) -> torch.Tensor:
     sum_sq = (var.double() + mean.double().pow(2)).sum() * x.shape[-1]  # sum_t n (var_t + mean_t^2)
     return torch.stack([sum_sq, outliers.double(),
                         torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+
+
+def layer_mean(name: str, values: list[float]) -> float:
+    """Mean over layers: quadratic (``sqrt(mean v^2)``) for the ``*_rms`` statistics, arithmetic otherwise."""
+    if name.endswith("_rms"):
+        return math.sqrt(sum(v * v for v in values) / len(values))
+    return sum(values) / len(values)
 
 
 def max_violation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -163,8 +178,9 @@ def _model_param_of(optimizer) -> dict[int, torch.Tensor]:
 
 
 @torch.no_grad()
-def gradient_norms(optimizer, matrix_ids: set[int]) -> tuple[float, float]:
-    """Pre-clip gradient norms (hidden matrices, everything else), global over all parallel groups.
+def gradient_norms(optimizer, matrix_ids: set[int], device: torch.device) -> tuple[float, float]:
+    """Pre-clip gradient norms (hidden matrices, everything else), global over all parallel groups;
+    reduced on ``device`` (the model's).
 
     Call after ``optimizer.prepare_grads()`` and before clipping. Counts exactly the gradients
     Megatron's ``get_grad_norm`` counts (no shared or TP-duplicate parameters; the local shard under
@@ -177,7 +193,6 @@ def gradient_norms(optimizer, matrix_ids: set[int]) -> tuple[float, float]:
     for leaf in _leaf_optimizers(optimizer):
         model_of = _model_param_of(leaf)
         params = leaf.get_parameters()
-        device = params[0].device if params else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         grads: tuple[list, list] = ([], [])  # (hidden matrices, other)
         for param in params:
             if param.grad is None or not param_is_not_shared(param) or not param_is_not_tensor_parallel_duplicate(
@@ -229,7 +244,7 @@ def sphere_radius_drift(optimizer) -> float | None:
     sphere matrix on every rank so the collectives line up); ``R`` is the optimizer state ``radius``,
     held only where the matrix is updated (layer-wise DP: one DP rank). None without sphere Muon.
     """
-    from hyperp_megatron.optim.sphere_muon import SPHERE_RULES
+    from hyperp_megatron.optim.sphere_muon import SPHERE_RULES, sum_shared_spheres
 
     spheres = _sphere_optimizers(optimizer)
     if not spheres:
@@ -243,13 +258,16 @@ def sphere_radius_drift(optimizer) -> float | None:
             weight = planned.param.detach().float()
             radius = sphere.state.get(planned.param, {}).get("radius")
             group = planned.shard_group
-            by_group.setdefault(id(group), (group, []))[1].append((planned.piece_sums(weight, weight), radius))
+            by_group.setdefault(id(group), (group, []))[1].append((planned, planned.piece_sums(weight, weight), radius))
     drift = torch.zeros((), dtype=torch.float64, device=spheres[0].param_groups[0]["params"][0].device)
     for group, items in by_group.values():
-        flat = torch.cat([squares for squares, _ in items])
+        flat = torch.cat([squares for _, squares, _ in items])
         if group is not None:
             dist.all_reduce(flat, group=group)  # the TP / expert-TP group sharding these matrices
-        for squares, (_, radius) in zip(flat.split([len(s) for s, _ in items]), items):
+        # Shared spheres (optim.expert_sphere per_layer): the norm of all members together (EP all-reduce).
+        summed = sum_shared_spheres([planned for planned, _, _ in items],
+                                    list(flat.split([len(s) for _, s, _ in items])))
+        for squares, (_, _, radius) in zip(summed, items):
             if radius is not None:
                 drift = torch.maximum(drift, (squares.sqrt() / radius - 1).abs().max().double())
     # World all-reduce (MAX): layers on PP stages, R only on the DP rank that updates a matrix.
@@ -307,6 +325,8 @@ class StabilityMonitor:
         self.layers = _transformer_layers(model_chunks)
         self.matrix_ids = hidden_matrix_ids(model_chunks)
         self.device = next(model_chunks[0].parameters()).device
+        self.operator_norms = OperatorNormMonitor(cfg.operator_norms, cfg.power_iterations, model_chunks,
+                                                  optimizer, pg_collection)
         self._handles: list = []
         self._stats = self._expert_counts = None
 
@@ -320,7 +340,8 @@ class StabilityMonitor:
         """Zero the accumulators and attach the hooks (until :meth:`finish`)."""
         assert not self._handles, "StabilityMonitor.start called twice"
         self._stats = torch.zeros(self.num_layers, len(LAYER_STATS), 2, dtype=torch.float64, device=self.device)
-        self._expert_counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64,
+        # [0]: summed over the step's micro-batches; [1]: the latest micro-batch (overwritten per call)
+        self._expert_counts = torch.zeros(2, self.num_layers, self.num_experts, dtype=torch.float64,
                                           device=self.device)
         for index, layer in self.layers:
             attention = getattr(layer, "self_attention", None)
@@ -372,13 +393,15 @@ class StabilityMonitor:
         lse = torch.logsumexp(logits, dim=-1)
         self._add(index, "router_z", lse.double().pow(2).sum(), lse.numel())
         routing_map = output[1]  # [tokens, experts] bool: top-k assignments
-        self._expert_counts[index] += routing_map.sum(dim=0).to(self._expert_counts)
+        counts = routing_map.sum(dim=0).to(self._expert_counts)
+        self._expert_counts[0, index] += counts
+        self._expert_counts[1, index] = counts
 
     # ------------------------------------------------------------------ results
 
     def gradient_records(self) -> dict:
         """Pre-clip gradient norms split hidden-matrix / other (collective)."""
-        matrix, other = gradient_norms(self.optimizer, self.matrix_ids)
+        matrix, other = gradient_norms(self.optimizer, self.matrix_ids, self.device)
         return {f"{PREFIX}grad_norm_matrix": matrix, f"{PREFIX}grad_norm_other": other}
 
     def finish(self) -> dict:
@@ -397,11 +420,12 @@ class StabilityMonitor:
         drift = sphere_radius_drift(self.optimizer)
         if drift is not None:
             records[f"{PREFIX}sphere_radius_drift"] = drift
+        records.update({f"{PREFIX}{name}": value for name, value in self.operator_norms.records().items()})
         return records
 
     def _layer_records(self, stats: torch.Tensor, expert_counts: torch.Tensor) -> dict:
         """Per-layer values and their mean over the layers that have them."""
-        per_layer: dict[str, dict[int, float]] = {name: {} for name in (*LAYER_STATS, "maxvio")}
+        per_layer: dict[str, dict[int, float]] = {name: {} for name in (*LAYER_STATS, "maxvio", "maxvio_step")}
         for layer in range(self.num_layers):
             for name, index in _STAT.items():
                 total, count = stats[layer, index].tolist()
@@ -409,12 +433,13 @@ class StabilityMonitor:
                     value = total / count
                     per_layer[name][layer] = (math.sqrt(value) if name.endswith("_rms")
                                               else 100 * value if name.endswith("_pct") else value)
-            if self.num_experts and expert_counts[layer].sum() > 0:
-                per_layer["maxvio"][layer] = float(max_violation(expert_counts[layer]))
+            for name, counts in (("maxvio_step", expert_counts[0, layer]), ("maxvio", expert_counts[1, layer])):
+                if self.num_experts and counts.sum() > 0:
+                    per_layer[name][layer] = float(max_violation(counts))
         records = {}
         for name, values in per_layer.items():
             if values:
-                records[f"{PREFIX}{name}"] = sum(values.values()) / len(values)
+                records[f"{PREFIX}{name}"] = layer_mean(name, list(values.values()))
                 records.update({f"{PREFIX}{name}/layer{layer:02d}": value for layer, value in values.items()})
         return records
 

@@ -1,5 +1,11 @@
-"""Distributed bootstrap: who am I (torchrun, SLURM or MPI), the process group, Megatron's parallel
-state, and the explicit collection of process groups that library code receives.
+"""Distributed bootstrap: who am I (torchrun, SLURM or MPI), the device, the process group, Megatron's
+parallel state, and the explicit collection of process groups that library code receives.
+
+The device is decided here, once (:func:`decide_device`), beside the process group whose collectives
+need it (NCCL reduces CUDA tensors only, gloo CPU tensors), and passed as a ``torch.device`` to
+everything that creates tensors or moves batches. This module and ``compat/`` are the only places that
+ask whether CUDA is there; :func:`process_group_device` recovers the decision from an initialized
+process group for callers that set one up themselves (tests, tools).
 
 Library code never reads ``os.environ``: the entry point passes the environment mapping in.
 """
@@ -101,27 +107,66 @@ def discover_launch_env(environ: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
-def init_process_group(env: LaunchEnv, cfg: ParallelConfig) -> str:
-    """Initialize torch.distributed (gloo on CPU, NCCL on GPU); returns the backend."""
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+def decide_device(cfg: ParallelConfig, local_rank: int) -> torch.device:
+    """The device of this process: ``cuda:<local_rank % visible GPUs>`` for NCCL, the CPU for gloo.
+
+    ``parallel.backend`` 'auto' means NCCL when CUDA is available. The modulo covers launchers that
+    give each task only its own GPU (SLURM ``--gpus-per-task``: one visible device, local rank up to 7).
+    """
+    has_cuda = torch.cuda.is_available()
+    if cfg.backend == "nccl" and not has_cuda:
+        raise ValueError("parallel.backend is 'nccl' but CUDA is unavailable on this machine; "
+                         "use 'auto' or 'gloo' to train on the CPU")
+    if cfg.backend == "gloo" or not has_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def backend_for(device: torch.device) -> str:
+    """The collective backend for tensors on ``device``."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def process_group_device() -> torch.device:
+    """The device of an initialized process group: the current CUDA device under NCCL, else the CPU.
+
+    For callers that initialized torch.distributed themselves; :func:`init_process_group` returns it."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(env: LaunchEnv, cfg: ParallelConfig, device: torch.device | None = None) -> torch.device:
+    """Initialize torch.distributed for ``device`` (decided from ``cfg`` when None): NCCL with
+    ``cuda:<n>`` made the current device, gloo on the CPU. Returns the device."""
+    device = decide_device(cfg, env.local_rank) if device is None else torch.device(device)
+    backend = backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size,
             timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
         )
-    return backend
+    return device
 
 
-def init_model_parallel(cfg: ParallelConfig, seed: int):
-    """Megatron parallel state for TP/PP/EP/DP; returns the ProcessGroupCollection library code receives."""
+def init_model_parallel(cfg: ParallelConfig, seed: int, device: torch.device | None = None):
+    """Megatron parallel state for TP/PP/EP/DP; returns the ProcessGroupCollection library code receives.
+
+    Applies the megatron-core compatibility patches ``device`` needs first (:mod:`hyperp_megatron.compat`;
+    idempotent). ``device`` defaults to the initialized process group's (:func:`process_group_device`).
+    """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from hyperp_megatron.compat import apply_patches
+
+    device = process_group_device() if device is None else torch.device(device)
+    apply_patches(device)
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -130,10 +175,22 @@ def init_model_parallel(cfg: ParallelConfig, seed: int):
             expert_model_parallel_size=cfg.expert,
             expert_tensor_parallel_size=cfg.expert_tensor_size,
             distributed_timeout_minutes=cfg.timeout_minutes,
-            create_gloo_process_groups=not torch.cuda.is_available(),
+            create_gloo_process_groups=device.type != "cuda",
         )
+    # Seeds Megatron's RNG tracker (CUDA generators; on the CPU, through compat, the CPU generator).
     model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def layout_key(pg_collection, device: torch.device) -> dict:
+    """What per-rank state (RNG streams) depends on: the parallel layout and the device type.
+
+    A checkpoint's per-rank RNG states are restored only into the same key (see ``checkpoint.py``).
+    """
+    groups = {"tp": pg_collection.tp, "pp": pg_collection.pp, "dp": pg_collection.dp, "cp": pg_collection.cp,
+              "ep": pg_collection.ep, "etp": pg_collection.expt_tp}
+    return {"world_size": dist.get_world_size(), **{name: group.size() for name, group in groups.items()},
+            "device": torch.device(device).type}
 
 
 def destroy() -> None:

@@ -22,7 +22,7 @@ import json
 import sys
 
 from hyperp_megatron.config import Config, load_config
-from hyperp_megatron.transfer import ModelShape, resolve_vocab_size, derive
+from hyperp_megatron.transfer import ModelShape, attention_keeps_scores, derive, resolve_vocab_size
 
 COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
            "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "tp", "pp", "dp", "ep")
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         h = cfg.hyperp
         print(f"# {args.config}: optim {cfg.optim.name}, hyperp {'on' if h.enabled else 'off'} "
               f"(eta0 {h.base_lr:g}, d0 {h.base_depth}, B0 {h.base_batch_tokens:g}, T0 {h.base_tokens:g}); "
-              f"memory GiB/GPU, precision {cfg.train.precision}")
+              f"memory GiB/GPU, precision {cfg.train.precision}, attention {cfg.model.attention_backend}"
+              f"{' (keeps s x s scores)' if attention_keeps_scores(cfg.model.attention_backend) else ''}")
     print(render(rows, args.format))
     return 0
 

@@ -40,9 +40,9 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def agreed(self, group=None) -> bool:
-        """True on every rank if any rank got a signal (one MAX all-reduce over ``group``)."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
+    def agreed(self, device: torch.device, group=None) -> bool:
+        """True on every rank if any rank got a signal (one MAX all-reduce over ``group``, on ``device``:
+        NCCL reduces GPU tensors only)."""
         flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)

@@ -28,14 +28,16 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, poison: boo
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def forward_step(data_iterator, model, poison_loss: bool = False):
-    batch = get_batch(data_iterator)
+def forward_step(data_iterator, model, device: torch.device, poison_loss: bool = False):
+    batch = get_batch(data_iterator, device)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
     return output, functools.partial(_loss_func, batch["loss_mask"], poison=poison_loss)
 
 
-def _all_ranks_finite(loss: float, grad_norm: float, found_inf: bool, device="cpu") -> bool:
-    """True on every rank iff the loss and the gradient norm are finite (and no inf was found) on all."""
+def _all_ranks_finite(loss: float, grad_norm: float, found_inf: bool, device: torch.device) -> bool:
+    """True on every rank iff the loss and the gradient norm are finite (and no inf was found) on all.
+
+    ``device``: where the process group's collectives take tensors (NCCL: the GPU)."""
     bad = torch.tensor([float(found_inf or not math.isfinite(loss) or not math.isfinite(grad_norm))],
                        device=device)
     # World all-reduce (MAX): one rank seeing a non-finite value makes every rank skip the update.
@@ -43,9 +45,8 @@ def _all_ranks_finite(loss: float, grad_norm: float, found_inf: bool, device="cp
     return bad.item() == 0
 
 
-def _mean_loss_over_world(losses: list[dict], pg_collection, is_last_stage: bool) -> float:
+def _mean_loss_over_world(losses: list[dict], pg_collection, is_last_stage: bool, device: torch.device) -> float:
     """Average the micro-batch losses of the last stage over data-parallel ranks, known to every rank."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
     value = torch.zeros(2, dtype=torch.float64, device=device)
     if is_last_stage and pg_collection.tp.rank() == 0 and losses:
         value[0] = torch.stack([d["lm loss"] for d in losses]).double().mean()
@@ -55,23 +56,26 @@ def _mean_loss_over_world(losses: list[dict], pg_collection, is_last_stage: bool
     return float(value[0] / value[1].clamp(min=1))
 
 
-def _aux_loss_over_world(model_chunks, pg_collection, num_microbatches: int) -> float:
+def _aux_loss_over_world(model_chunks, pg_collection, num_microbatches: int, device: torch.device) -> float:
     """The step's MoE load-balancing loss, summed over layers and averaged over micro-batches.
 
     Every rank holds its share of each of its layers (``router.switch_load_balancing_loss``): summed over
     the TP ranks of a replica it is the replica's loss, and replicas average over data parallel.
     """
-    value = pop_local_aux_loss(model_chunks)
+    value = pop_local_aux_loss(model_chunks, device)
     # World all-reduce: layers on PP stages, shares on TP/CP ranks, one value per DP replica.
     dist.all_reduce(value)
     return float(value / (pg_collection.dp.size() * num_microbatches))
 
 
 class StepRunner:
-    """Runs forward/backward over the micro-batches of one global batch and the optimizer step."""
+    """Runs forward/backward over the micro-batches of one global batch and the optimizer step.
+
+    ``device``: where batches go and the loop's own collectives run (the model's device)."""
 
     def __init__(self, model_chunks, optimizer, pg_collection, seq_length: int, micro_batch_size: int,
-                 num_microbatches: int):
+                 num_microbatches: int, device: torch.device):
+        self.device = torch.device(device)
         self.model_chunks = model_chunks
         self.optimizer = optimizer
         self.pg_collection = pg_collection
@@ -85,7 +89,7 @@ class StepRunner:
     def _run(self, data_iterator, forward_only: bool, num_microbatches: int,
              poison_loss: bool = False) -> list[dict]:
         return self.forward_backward(
-            forward_step_func=functools.partial(forward_step, poison_loss=poison_loss),
+            forward_step_func=functools.partial(forward_step, device=self.device, poison_loss=poison_loss),
             data_iterator=data_iterator,
             model=self.model_chunks,
             num_microbatches=num_microbatches,
@@ -110,7 +114,7 @@ class StepRunner:
             monitor.start()
         losses = self._run(data_iterator, forward_only=False, num_microbatches=self.num_microbatches,
                            poison_loss=poison_loss)
-        loss = _mean_loss_over_world(losses, self.pg_collection, self.is_last_stage)
+        loss = _mean_loss_over_world(losses, self.pg_collection, self.is_last_stage, self.device)
         # Megatron's optimizer.step() = prepare_grads, clip (computing the norm), update. The norm is
         # computed first here (Megatron's own reductions) to decide on the update before any weight moves;
         # step() repeats both (idempotent; one extra pass over the gradients).
@@ -119,13 +123,12 @@ class StepRunner:
         metrics = {"loss": loss, "grad_norm": grad_norm}
         if monitor is not None:
             metrics.update(monitor.gradient_records())
-        device = next(self.model_chunks[0].parameters()).device
-        skipped = not _all_ranks_finite(loss, grad_norm, found_inf, device)
+        skipped = not _all_ranks_finite(loss, grad_norm, found_inf, self.device)
         update_successful = False if skipped else self.optimizer.step()[0]
         metrics.update(update_successful=bool(update_successful), skipped=skipped)
         if self.is_moe:  # reported beside the LM loss, which excludes it
             metrics["aux_loss"] = _aux_loss_over_world(self.model_chunks, self.pg_collection,
-                                                       self.num_microbatches)
+                                                       self.num_microbatches, self.device)
         if monitor is not None:
             metrics.update(monitor.finish())
         return metrics
@@ -135,4 +138,4 @@ class StepRunner:
         for chunk in self.model_chunks:
             chunk.eval()
         losses = self._run(data_iterator, forward_only=True, num_microbatches=num_microbatches)
-        return _mean_loss_over_world(losses, self.pg_collection, self.is_last_stage)
+        return _mean_loss_over_world(losses, self.pg_collection, self.is_last_stage, self.device)

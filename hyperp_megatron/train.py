@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
 from hyperp_megatron.config import Config, data_parallel_size, load_config, validate
-from hyperp_megatron.metrics import MetricsLogger, run_info, write_run_files
+from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
@@ -38,6 +38,8 @@ class Session:
     """Everything the loop uses, built once by :func:`setup`."""
 
     cfg: Config
+    device: torch.device
+    """Where the model, batches and the loop's collectives live (``parallel.decide_device``)."""
     pg_collection: object
     model_chunks: list
     optimizer: object
@@ -74,8 +76,20 @@ def _derived_values(cfg: Config, world_size: int, vocab_size: int) -> tuple[floa
     return derived.lr, derived.to_dict()
 
 
-def setup(cfg: Config, world_size: int, rank: int) -> Session:
-    """Model, optimizer, data and logger for this rank (distributed state already initialized)."""
+def configure_numerics(cfg: Config, device: torch.device) -> None:
+    """Deterministic algorithms when ``train.deterministic`` (process-wide; the entry point sets the cuBLAS
+    workspace variable they need before CUDA starts). TF32 stays as torch's default: off for matmuls."""
+    if device.type == "cuda":
+        torch.use_deterministic_algorithms(cfg.train.deterministic)
+        torch.backends.cudnn.deterministic = cfg.train.deterministic
+        torch.backends.cudnn.benchmark = False
+
+
+def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None) -> Session:
+    """Model, optimizer, data and logger for this rank (distributed state already initialized).
+
+    ``device``: the one :func:`hyperp_megatron.parallel.init_process_group` decided (default: the
+    initialized process group's, ``parallel.process_group_device``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
@@ -83,10 +97,12 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
     from hyperp_megatron import data as data_lib
     from hyperp_megatron.model import build_model
     from hyperp_megatron.optim.builder import build_optimizer
-    from hyperp_megatron.parallel import init_model_parallel
+    from hyperp_megatron.parallel import init_model_parallel, process_group_device
     from hyperp_megatron.step import StepRunner
 
-    pg_collection = init_model_parallel(cfg.parallel, cfg.train.seed)
+    device = process_group_device() if device is None else torch.device(device)
+    configure_numerics(cfg, device)
+    pg_collection = init_model_parallel(cfg.parallel, cfg.train.seed, device)
     # Megatron keeps the MoE aux-loss gradient scale in a class attribute: a second run in the same process
     # (coord check, tests) must not inherit the previous run's tensor.
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -95,7 +111,7 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     peak_lr, derived = _derived_values(cfg, world_size, vocab_size)
-    chunks = build_model(cfg, pg_collection, vocab_size)
+    chunks = build_model(cfg, pg_collection, vocab_size, device)
     tf_config = chunks[0].config
     if cfg.train.precision == "bf16":
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
@@ -107,12 +123,12 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
               for chunk in chunks]
     tf_config.no_sync_func = chunks[0].no_sync
     tf_config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(cfg, chunks, pg_collection)
+    optimizer = build_optimizer(cfg, chunks, pg_collection, peak_lr=peak_lr)
 
     dp_size = data_parallel_size(cfg, world_size)
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     runner = StepRunner(chunks, optimizer, pg_collection, cfg.model.seq_length, cfg.train.micro_batch_size,
-                        num_micro)
+                        num_micro, device)
     samples = data_lib.num_samples_per_split(cfg.train.steps, cfg.train.global_batch_size, 0, cfg.train.eval_iters)
     datasets = data_lib.build_datasets(
         prefixes, tokenizer, seq_length=cfg.model.seq_length, seed=cfg.train.seed, num_samples=samples,
@@ -122,7 +138,8 @@ def setup(cfg: Config, world_size: int, rank: int) -> Session:
     run_dir = Path(cfg.logging.run_dir)
     logger = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress)
-    return Session(cfg, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, peak_lr, derived)
+    return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, peak_lr,
+                   derived)
 
 
 def _train_iterator(s: Session, consumed_samples: int):
@@ -131,7 +148,7 @@ def _train_iterator(s: Session, consumed_samples: int):
     dp_rank, dp_size = _dp_coords(s.pg_collection)
     return data_lib.build_data_iterator(s.datasets.train, consumed_samples=consumed_samples,
                                         micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                        dp_size=dp_size)
+                                        dp_size=dp_size, pin_memory=s.device.type == "cuda")
 
 
 def evaluate(s: Session) -> float:
@@ -141,12 +158,18 @@ def evaluate(s: Session) -> float:
     dp_rank, dp_size = _dp_coords(s.pg_collection)
     iterator = data_lib.build_data_iterator(s.datasets.valid, consumed_samples=0,
                                             micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                            dp_size=dp_size)
+                                            dp_size=dp_size, pin_memory=s.device.type == "cuda")
     return s.runner.evaluate(iterator, s.cfg.train.eval_iters * s.runner.num_microbatches)
 
 
 def _checkpoint_extra(s: Session) -> dict:
     return {"config": s.cfg.to_dict(), "derived": s.derived, **run_info()}
+
+
+def _rng_key(s: Session) -> dict:
+    from hyperp_megatron.parallel import layout_key
+
+    return layout_key(s.pg_collection, s.device)
 
 
 def _summary(derived: dict) -> str:
@@ -168,20 +191,22 @@ def maybe_resume(s: Session) -> ckpt.TrainState:
         found = None
     if found is None:
         return ckpt.TrainState()
-    state, _ = ckpt.load(found, s.model_chunks, s.optimizer)
+    state, _ = ckpt.load(found, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
     s.logger.message(f"[hyperp] resumed from {found} at step {state.step}")
     return state
 
 
-def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None) -> dict:
-    """Train for ``cfg.train.steps`` optimizer steps; returns the final metrics (on every rank).
+def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
+          device: torch.device | None = None) -> dict:
+    """Train for ``cfg.train.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
+    metrics (on every rank).
 
     With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
     (``result["preempted"]``).
     """
     from hyperp_megatron.optim.builder import set_learning_rate
 
-    s = setup(cfg, world_size, rank)
+    s = setup(cfg, world_size, rank, device)
     t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
     state = maybe_resume(s)
@@ -203,7 +228,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         state.consumed_samples += t.global_batch_size
         step_time = time.perf_counter() - started
         metrics.update(lr=lr, step_time=step_time,
-                       tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time)
+                       tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time,
+                       **peak_memory_gib(s.device))
         result["loss"] = metrics["loss"]
         result["losses"].append(metrics["loss"])
         skipped = metrics.pop("skipped")
@@ -223,10 +249,11 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         if state.step % t.log_interval == 0 or is_last:
             s.logger.print_progress(state.step, {k: v for k, v in metrics.items()
                                                  if k != "update_successful" and not k.startswith(MONITOR_PREFIX)})
-        preempted = preemption is not None and preemption.agreed()
+        preempted = preemption is not None and preemption.agreed(s.device)
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or preempted or (
                 is_last and cfg.checkpoint.save_final):
-            ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep)
+            ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep,
+                      rng_key=_rng_key(s))
         if preempted and not is_last:
             s.logger.message(f"[hyperp] preemption signal: stopped after step {state.step}, checkpoint saved")
             result["preempted"] = True
@@ -246,8 +273,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
 # Entry point
 
 
-def _configure_threads(cfg: Config, local_world_size: int) -> None:
-    if not torch.cuda.is_available():
+def _configure_threads(cfg: Config, local_world_size: int, device: torch.device) -> None:
+    if device.type == "cpu":
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
         torch.set_num_threads(threads)
 
@@ -273,30 +300,38 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Validate everything first (one-line errors on rank 0 only), then train."""
-    from hyperp_megatron.parallel import destroy, discover_launch_env, init_process_group
+    from hyperp_megatron.parallel import decide_device, destroy, discover_launch_env, init_process_group
 
     env = discover_launch_env(os.environ)
     try:
         config_path, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)
         validate(cfg, env.world_size)
+        device = decide_device(cfg.parallel, env.local_rank)
+        from hyperp_megatron.model.gpt import check_device_support
+
+        check_device_support(cfg, device)
     except ValueError as exc:
         if env.rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    _configure_threads(cfg, env.local_world_size)
-    from hyperp_megatron.compat import apply_cpu_patches
+    if cfg.train.deterministic and device.type == "cuda":
+        # Read by cuBLAS when it creates its handles (before the first GEMM) and by TE's attention.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+    _configure_threads(cfg, env.local_world_size, device)
+    from hyperp_megatron.compat import apply_patches
 
-    if apply_cpu_patches() and env.rank == 0:
-        print("[hyperp] CUDA not available: running megatron-core on CPU with gloo "
-              "(Transformer Engine/apex absent, local layers)", flush=True)
-    init_process_group(env, cfg.parallel)
+    if "cpu" in apply_patches(device) and env.rank == 0:
+        print("[hyperp] device cpu: running megatron-core on the CPU with gloo "
+              "(Transformer Engine/apex unused, local layers)", flush=True)
+    init_process_group(env, cfg.parallel, device)
     if env.rank == 0:
         write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
                         run_info({"world_size": env.world_size, "launcher": env.launcher}))
     preemption = PreemptionFlag().install()
     try:
-        result = train(cfg, env.world_size, env.rank, preemption)
+        result = train(cfg, env.world_size, env.rank, preemption, device)
         if result["preempted"]:
             return EXIT_REQUEUE
     except (NonFiniteTrainingError, ckpt.NonFiniteStateError) as exc:

@@ -230,9 +230,11 @@ def lr_at(step: int, total_steps: int, peak: float, min_ratio: float = 0.1, warm
 
 
 def muon_weight_decay(base_weight_decay: float, depth: int, base_depth: int) -> float:
-    """Muon-baseline decoupled weight decay ``lambda = wd0 * d0 / d`` (HYPERP.md section 3; reference
-    ``weight_decay * d0 / depth`` for Muon, after arXiv 2512.05620). Not used by sphere Muon,
-    where weight decay is a first-order no-op (default 0)."""
+    """Muon-baseline weight decay ``lambda = wd0 * d0 / d`` (HYPERP.md section 3; reference
+    ``weight_decay * d0 / depth`` for Muon, after arXiv 2512.05620), applied "independently" of the LR's
+    size: the weights shrink by ``(eta(t) / eta_peak) * lambda`` per step (reference: its group weight decay
+    is ``lambda / eta_peak``, times the group LR ``eta(t)``), so a reference ``wd0`` carries over unchanged.
+    Not used by sphere Muon, where weight decay is a first-order no-op (default 0)."""
     if base_weight_decay < 0:
         raise ValueError(f"base weight decay must be >= 0, got {base_weight_decay}")
     return base_weight_decay * depth_factor(depth, base_depth) ** 2
@@ -246,7 +248,8 @@ def muon_logit_multiplier(depth: int, base_depth: int) -> float:
 def muon_baseline_lr(base_lr: float, *, depth: int, base_depth: int, batch_tokens: float,
                      base_batch_tokens: float, depth_rule: bool = True, batch_rule: bool = True) -> float:
     """Muon-baseline LR ``eta0 * sqrt(B/B0) * sqrt(d0/d)``: the same depth factor, no token factor
-    (HYPERP.md section 3). Its step is ``W (1 - eta lambda) - eta sqrt(fan_out/fan_in) O``."""
+    (HYPERP.md section 3). Its step is ``W (1 - (eta(t)/eta_peak) lambda) - eta(t) sqrt(fan_out/fan_in) O``
+    with ``lambda`` = :func:`muon_weight_decay`."""
     return hyperp_lr(base_lr, depth=depth, base_depth=base_depth, tokens=1.0, base_tokens=1.0,
                      batch_tokens=batch_tokens, base_batch_tokens=base_batch_tokens,
                      depth_rule=depth_rule, token_rule=False, batch_rule=batch_rule)
@@ -361,7 +364,28 @@ class MemoryEstimate:
         return {**dataclasses.asdict(self), "total": self.total}
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, layout: Layout, precision: str) -> float:
+ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
+"""``model.attention_backend`` (``model/sdpa_attention.py``): only 'megatron_local' keeps the scores."""
+
+
+def attention_keeps_scores(attention_backend: str) -> bool:
+    """Whether the core attention saves ``b x heads x s x s`` scores for the backward: Megatron's unfused
+    ``DotProductAttention`` does; TE's fused attention and torch SDPA (flash / cuDNN / memory-efficient)
+    do not ('auto' is one of those two, whichever the layers use)."""
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention_backend!r}")
+    return attention_backend == "megatron_local"
+
+
+def attention_score_bytes(precision: str) -> int:
+    """Bytes per ``s x s`` score element Megatron's unfused attention saves per layer: the fp32 softmax
+    output (``attention_softmax_in_fp32``) and, in bf16, the probabilities cast back for the ``bmm`` (4 + 2);
+    in fp32 one tensor serves both (4). Attention dropout is 0, so no mask is kept."""
+    return 6 if precision == "bf16" else 4
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, layout: Layout, precision: str,
+                                     attention_scores: bool = False) -> float:
     """Saved activations per token per layer in bytes (after Korthikanti et al., arXiv 2205.05198,
     adapted to flash attention, GQA, SwiGLU, QK-norm and MoE; no recomputation):
 
@@ -372,7 +396,8 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: Layout, precisio
         MoE:                    topk C + 3 ffn topk/k (/ ETP: dispatched copies, expert fc1/act)
                                 + 3 ffn/k (/ TP, shared expert) + 2 E (fp32 router logits)
 
-    times 2 bytes (bf16) or 4 (fp32). Flash attention keeps no ``s x s`` scores.
+    times 2 bytes (bf16) or 4 (fp32). Flash attention keeps no ``s x s`` scores; with
+    ``attention_scores`` (Megatron's unfused attention) add ``H/TP * s * attention_score_bytes`` per token.
     """
     C, Cq, Ckv, tp = shape.width, shape.query_width, shape.kv_width, layout.tensor
     outside = 4 * C / (tp if layout.sequence_parallel else 1)
@@ -383,11 +408,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: Layout, precisio
         mlp = 3 * shape.expert_ffn * int(shape.moe_shared_expert) / tp + experts + 2 * shape.num_routed_experts
     else:
         mlp = 3 * shape.ffn / tp
-    return (2 if precision == "bf16" else 4) * (outside + attention / tp + mlp)
+    scores = shape.num_heads / tp * shape.seq_length * attention_score_bytes(precision) if attention_scores else 0.0
+    return (2 if precision == "bf16" else 4) * (outside + attention / tp + mlp) + scores
 
 
 def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "sphere_muon",
-                   precision: str = "bf16", micro_batch_size: int = 1, num_micro_batches: int = 1) -> MemoryEstimate:
+                   precision: str = "bf16", micro_batch_size: int = 1, num_micro_batches: int = 1,
+                   attention_backend: str = "auto") -> MemoryEstimate:
     """Rough per-GPU memory (within ~30%; allocator fragmentation and NCCL buffers not counted).
 
     Megatron mixed precision: weights 2 bytes/param (bf16; fp32: 4), gradients 4 (fp32 main_grad),
@@ -400,7 +427,10 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     ``min(PP, M)`` micro-batches in flight on the first stage (1 on the last),
     ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`),
     plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):
-    4 fp32 copies of the largest matrix for Newton-Schulz (gathered whole under TP).
+    4 fp32 copies of the largest matrix for Newton-Schulz (gathered whole under TP). Attention
+    (:func:`attention_keeps_scores`): with Megatron's unfused attention the saved scores per layer, plus a
+    workspace of Megatron's preallocated score buffer and the fp32 softmax input of the layer being computed
+    (``b H/TP s^2 (2|4 + 4)`` bytes).
     """
     if optimizer not in ("sphere_muon", "muon", "adamw"):
         raise ValueError(f"optimizer must be sphere_muon, muon or adamw, got {optimizer!r}")
@@ -416,9 +446,12 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     dp_shard = layout.data if layout.distributed_optimizer else 1
     edp_shard = layout.expert_data if layout.distributed_optimizer else 1
     tokens = micro_batch_size * shape.seq_length
-    per_token_layer = activation_bytes_per_token_layer(shape, layout, precision)
+    scores = attention_keeps_scores(attention_backend)
+    per_token_layer = activation_bytes_per_token_layer(shape, layout, precision, attention_scores=scores)
     largest = max(shape.width * 2 * (shape.expert_ffn if shape.moe else shape.ffn), shape.width * shape.query_width)
     workspace = 0.0 if optimizer == "adamw" else 4 * 4 * largest
+    if scores:
+        workspace += micro_batch_size * shape.num_heads / tp * shape.seq_length**2 * (weight_bytes + 4)
     stages = [("first", "last")] if pp == 1 else [("first",), ("last",)]
     best = None
     for stage in stages:
@@ -565,7 +598,8 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
                          f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {layout.data}")
     memory = memory_per_gpu(shape, layout, optimizer=cfg.optim.name, precision=t.precision,
                             micro_batch_size=t.micro_batch_size,
-                            num_micro_batches=t.global_batch_size // (t.micro_batch_size * layout.data))
+                            num_micro_batches=t.global_batch_size // (t.micro_batch_size * layout.data),
+                            attention_backend=cfg.model.attention_backend)
     return DerivedRun(
         shape=shape, layout=layout, num_params=n, num_params_total=num_params_total(shape),
         base_num_params=base_n, batch_tokens=batch_tokens, tokens=tokens, default_tokens=default_t,

@@ -88,7 +88,7 @@ def _build_without_sequence_parallel_tags(original, *args, **kwargs):
 
 
 def sequence_parallel_norm_grads_not_reduced():
-    """Norm gains lose their ``sequence_parallel`` tag (``compat/cpu.py`` sets it): under sequence
+    """Norm gains lose their ``sequence_parallel`` tag (``compat/without_te.py`` sets it): under sequence
     parallelism ``finalize_model_grads`` no longer sums their gradients over the TP ranks, each of
     which saw only its part of the sequence."""
     from hyperp_megatron import model

@@ -116,7 +116,7 @@ def test_gpt_dataset_samples_are_shifted_by_one(splits, tokenizer_dir):
         assert torch.equal(sample["position_ids"], torch.arange(SEQ_LENGTH))
         assert sample["loss_mask"].sum() == SEQ_LENGTH
     iterator = data.build_data_iterator(splits.train, consumed_samples=0, micro_batch_size=4, dp_rank=0, dp_size=1)
-    batch = data.get_batch(iterator)
+    batch = data.get_batch(iterator, torch.device("cpu"))
     assert batch["tokens"].shape == batch["labels"].shape == (4, SEQ_LENGTH)
     assert batch["attention_mask"] is None
     assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])

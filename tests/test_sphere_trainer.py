@@ -9,8 +9,8 @@
 - checkpoints resume bit-exactly in the same layout (fp32 at TP=2, bf16 with master weights) and
   give the uninterrupted run's next losses and final weights after TP 2 -> 1 and after layer-wise
   DP 2 -> 1. Control: a load that skips the optimizer state;
-- the Muon baseline's update equals W (1 - eta wd) - eta sqrt(fan_out / fan_in) NS5(U) per Q/K/V piece
-  (two steps, so momentum counts), computed directly from the gradients.
+- the Muon baseline's update equals W (1 - (eta / eta_peak) wd) - eta sqrt(fan_out / fan_in) NS5(U) per
+  Q/K/V piece (two steps, so momentum counts), computed directly from the gradients.
 
 Tolerances sit at the measured level (``python bench/parity.py`` writes the measured values to
 ``bench/results/parity.json``).
@@ -180,8 +180,9 @@ def _group_checks() -> dict:
 
 def _muon_rule_check(num_steps: int = 2) -> dict:
     """The Muon baseline in the trainer vs its update rule computed here from the captured gradients:
-    M <- mu M + G, U = G + mu M, W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) NS5(U), with Q, K and
-    V of the fused QKV as separate matrices. Returns the largest relative error per parameter."""
+    M <- mu M + G, U = G + mu M, W <- W (1 - (eta / eta_peak) wd) - eta sqrt(fan_out / fan_in) NS5(U)
+    (independent weight decay, as the HyperP reference's baseline), with Q, K and V of the fused QKV as
+    separate matrices; eta = eta_peak / 2. Returns the largest relative error per parameter."""
     import torch
 
     from hyperp_megatron import train as trainer
@@ -189,8 +190,9 @@ def _muon_rule_check(num_steps: int = 2) -> dict:
     from hyperp_megatron.config import load_config
     from hyperp_megatron.optim.newton_schulz import newton_schulz5
 
-    lr, wd, mu = 0.02, 0.1, 0.95
-    cfg = load_config(None, merge(TINY, _run({"optim": {"name": "muon", "lr": lr, "weight_decay": wd,
+    peak_lr, wd, mu = 0.02, 0.1, 0.95
+    lr = peak_lr / 2
+    cfg = load_config(None, merge(TINY, _run({"optim": {"name": "muon", "lr": peak_lr, "weight_decay": wd,
                                                         "momentum": mu, "clip_grad": 0.0}})))
     s = trainer.setup(cfg, 1, 0)
     try:
@@ -220,7 +222,7 @@ def _muon_rule_check(num_steps: int = 2) -> dict:
                     step = step.reshape_as(update)
                 else:
                     step = math.sqrt(update.shape[0] / update.shape[1]) * newton_schulz5(update)
-                expected = before[name] * (1 - lr * wd) - lr * step
+                expected = before[name] * (1 - lr / peak_lr * wd) - lr * step
                 error = ((param.detach() - expected).abs().max() / (param.detach() - before[name]).abs().max())
                 errors[name] = max(errors.get(name, 0.0), error.item())
         return errors

@@ -157,6 +157,35 @@ def test_memory_estimate_moves_the_right_way():
         transfer.memory_per_gpu(shape, transfer.Layout(data=2, expert=2))
 
 
+def test_memory_planner_knows_the_attention(capsys):
+    """Megatron's unfused attention keeps b x heads x s x s scores per layer (fp32 softmax output + bf16
+    probabilities = 6 bytes, fp32 runs 4); SDPA / TE flash attention ('sdpa', 'auto') keep none."""
+    shape, layout, gib = reference_shape(8), transfer.Layout(), 2**30  # dense d8: 16 heads, s = 4096
+    plans = {backend: transfer.memory_per_gpu(shape, layout, micro_batch_size=8, attention_backend=backend)
+             for backend in transfer.ATTENTION_BACKENDS}
+    assert plans["auto"] == plans["sdpa"]
+    scores = 8 * 16 * 4096**2  # per layer: micro-batch x heads x s^2
+    extra = plans["megatron_local"].activations - plans["sdpa"].activations
+    assert extra == pytest.approx(8 * scores * 6 / gib)  # 8 layers
+    assert 95 < extra < 97  # the "about 100 GB" (103e9 bytes) of dense d8 at micro-batch 8, seq 4096
+    assert plans["megatron_local"].workspace - plans["sdpa"].workspace == pytest.approx(scores * (2 + 4) / gib)
+    fp32 = {b: transfer.memory_per_gpu(shape, layout, precision="fp32", micro_batch_size=8, attention_backend=b)
+            for b in ("sdpa", "megatron_local")}
+    assert fp32["megatron_local"].activations - fp32["sdpa"].activations == pytest.approx(8 * scores * 4 / gib)
+    tp2 = {b: transfer.memory_per_gpu(shape, transfer.Layout(tensor=2), micro_batch_size=8, attention_backend=b)
+           for b in ("sdpa", "megatron_local")}
+    assert tp2["megatron_local"].activations - tp2["sdpa"].activations == pytest.approx(extra / 2)  # heads / TP
+    with pytest.raises(ValueError, match="attention backend"):
+        transfer.memory_per_gpu(shape, layout, attention_backend="flash")
+    # derive() and the plan command follow model.attention_backend
+    config = str(REPO / "configs/hyperp/dense_d8.yaml")
+    mem = {backend: json.loads(_run_plan(capsys, "--config", config, "--format", "json",
+                                         "--model.attention_backend", backend))[0]["mem_gib"]
+           for backend in ("auto", "megatron_local")}
+    assert mem["megatron_local"] - mem["auto"] > 100  # + scores and their workspace at micro-batch 8
+    assert "keeps s x s scores" in _run_plan(capsys, "--config", config, "--model.attention_backend", "megatron_local")
+
+
 def _run_plan(capsys, *args: str) -> str:
     assert plan.main(list(args)) == 0
     return capsys.readouterr().out

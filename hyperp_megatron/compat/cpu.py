@@ -1,4 +1,5 @@
-"""Run megatron-core 0.16.1 on a machine without CUDA (CPU tensors, gloo collectives).
+"""Run megatron-core 0.16.1 on the CPU (CPU tensors, gloo collectives): applied only when the decided
+device is the CPU (what it needs without TE/apex on any device is in :mod:`.without_te`).
 
 megatron-core assumes CUDA in a handful of ways (measured list in shared/MEGATRON_CPU.md):
 
@@ -7,9 +8,7 @@ megatron-core assumes CUDA in a handful of ways (measured list in shared/MEGATRO
    CUDA streams / events / ``synchronize`` in DDP and the MoE dispatcher.
 2. Literal ``device="cuda"`` allocations (optimizer, clip_grads, param buffers, the default causal
    mask in ``transformer.utils``), ``.cuda()`` moves and ``param.type() == "torch.cuda.FloatTensor"`` checks.
-3. ``WrappedTorchNorm`` refuses sequence parallelism.
-4. MoE all-to-all split sizes stay tensors (gloo wants lists) and, in 0.16.1,
-   ``router_gating_linear`` references ``te_general_gemm``, undefined without Transformer Engine.
+3. MoE all-to-all split sizes stay tensors (gloo wants lists).
 
 Rather than copying Megatron functions, two small mechanisms cover (1) and (2):
 
@@ -19,7 +18,7 @@ Rather than copying Megatron functions, two small mechanisms cover (1) and (2):
 - :class:`_CudaToCpuMode`, a ``TorchFunctionMode`` entered only around the few listed functions
   that call ``.cuda()`` or compare ``.type()`` strings.
 
-:func:`apply_cpu_patches` applies everything once, and only when CUDA is absent.
+:func:`apply` applies everything once.
 """
 
 from __future__ import annotations
@@ -237,41 +236,10 @@ def _wrap_function(module, qualname: str) -> None:
                 setattr(other, name, wrapped)
 
 
-def _patch_sequence_parallel_norms() -> None:
-    """WrappedTorchNorm asserts ``not sequence_parallel``; on CPU we build it without the flag and tag
-    its parameters ``sequence_parallel=True`` so finalize_model_grads all-reduces their grads over TP."""
-    from megatron.core.transformer import torch_norm
-
-    original_new = torch_norm.WrappedTorchNorm.__new__
-    if getattr(original_new, "__hyperp_cpu_wrapped__", False):
-        return
-
-    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
-            normalization="LayerNorm"):
-        sequence_parallel = config.sequence_parallel
-        if sequence_parallel:
-            config = _copy_config(config, sequence_parallel=False)
-        norm = original_new(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma,
-                            normalization)
-        for param in norm.parameters():
-            setattr(param, "sequence_parallel", sequence_parallel)
-        return norm
-
-    new.__hyperp_cpu_wrapped__ = True
-    torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
-
-
-def _copy_config(config, **changes):
-    import copy
-
-    clone = copy.copy(config)
-    for key, value in changes.items():
-        object.__setattr__(clone, key, value)
-    return clone
-
-
 def _patch_moe() -> None:
-    """MoE on gloo: all-to-all split sizes as lists, and the non-TE router GEMM."""
+    """``moe_utils.maybe_move_tensor_to_cpu`` (also imported by ``token_dispatcher``) converts only CUDA
+    tensors to host arrays, so on the CPU the all-to-all split sizes reach gloo as tensors (TypeError):
+    return numpy arrays (gloo takes lists / arrays)."""
     from megatron.core.transformer.moe import moe_utils
 
     original_move = moe_utils.maybe_move_tensor_to_cpu
@@ -285,17 +253,28 @@ def _patch_moe() -> None:
     dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
     if hasattr(dispatcher, "maybe_move_tensor_to_cpu"):
         dispatcher.maybe_move_tensor_to_cpu = move_to_host
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
 
-def apply_cpu_patches() -> bool:
-    """Make megatron-core usable without CUDA. No-op (returns False) when CUDA is available."""
+def _patch_rng_tracker_set_state() -> None:
+    """``tensor_parallel.random._set_cuda_rng_state`` sets the CUDA generator through ``torch._C`` or
+    ``torch.cuda._lazy_call``, which on a CPU-only build queues the call forever: the tracker's ``fork()``
+    would not switch streams. On the CPU the tracker's streams are CPU generator states (the stand-in
+    ``torch.cuda`` above), so set the CPU generator."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    tp_random._set_cuda_rng_state = set_state
+
+
+def apply() -> None:
+    """Make megatron-core run on the CPU with gloo (idempotent). Only for a process whose device is the
+    CPU: inside the listed modules ``torch.cuda`` then means the CPU. Selected by
+    :func:`hyperp_megatron.compat.apply_patches`."""
     global _APPLIED
-    if torch.cuda.is_available():
-        return False
     if _APPLIED:
-        return True
+        return
     cpu_torch = _TorchOnCpu()
     for name in _MODULES_USING_CUDA:
         try:
@@ -306,7 +285,6 @@ def apply_cpu_patches() -> bool:
             module.torch = cpu_torch
     for module_name, qualname in _FUNCTIONS_USING_CUDA_TYPES:
         _wrap_function(importlib.import_module(module_name), qualname)
-    _patch_sequence_parallel_norms()
+    _patch_rng_tracker_set_state()
     _patch_moe()
     _APPLIED = True
-    return True

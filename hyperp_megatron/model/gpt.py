@@ -9,10 +9,13 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from hyperp_megatron.compat import fused_kernel_flags
 from hyperp_megatron.config import Config
+from hyperp_megatron.model.fp8 import check_fp8, fp8_config_kwargs
 from hyperp_megatron.model.init import initialize_parameters
-from hyperp_megatron.model.moe import use_grouped_gemm
-from hyperp_megatron.model.spec import build_layer_spec, softmax_scale, use_transformer_engine
+from hyperp_megatron.model.moe import experts_impl
+from hyperp_megatron.model.residual import keep_residual_stream_fp32
+from hyperp_megatron.model.spec import HAVE_TE, build_layer_spec, softmax_scale, use_transformer_engine
 from hyperp_megatron.transfer import muon_logit_multiplier
 
 
@@ -22,9 +25,27 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return int(math.ceil(vocab_size / step) * step)
 
 
-def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> TransformerConfig:
+def _device_or_default(device) -> torch.device:
+    from hyperp_megatron.parallel import process_group_device
+
+    return process_group_device() if device is None else torch.device(device)
+
+
+def check_device_support(cfg: Config, device: torch.device) -> bool:
+    """What the config asks of the hardware, checked before any heavy work (one-line ValueErrors):
+    TE layers, FP8 (grouped-GEMM experts need nothing: without TE they are torch's, ``moe.experts_impl``).
+    Returns whether TE layers are used."""
+    use_te = use_transformer_engine(cfg.model.transformer_impl, device)
+    check_fp8(cfg.train, use_te, HAVE_TE, device)
+    return use_te
+
+
+def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
+                       device: torch.device | None = None) -> TransformerConfig:
+    """Megatron's TransformerConfig for ``cfg`` on ``device`` (default: the process group's)."""
     m, p = cfg.model, cfg.parallel
-    on_gpu = torch.cuda.is_available()
+    device = _device_or_default(device)
+    on_gpu = device.type == "cuda"
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -38,7 +59,7 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> Tran
         expert_tensor_parallel_size=p.expert_tensor_size,
         sequence_parallel=p.sequence_parallel,
         normalization="RMSNorm",
-        layernorm_epsilon=1e-6,
+        layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
@@ -48,17 +69,16 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> Tran
         init_method_std=m.init_method_std,
         params_dtype=torch.float32,
         bf16=cfg.train.precision == "bf16",
-        pipeline_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
+        # bf16 runs keep the residual stream (which pipeline stages exchange) in fp32 by default (residual.py).
+        fp32_residual_connection=fp32_residual(cfg),
+        pipeline_dtype=torch.bfloat16 if cfg.train.precision == "bf16" and not fp32_residual(cfg) else torch.float32,
         use_cpu_initialization=not on_gpu,
-        # Fusions need CUDA kernels (apex / TE / triton); off on CPU.
-        bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        deterministic_mode=not on_gpu,
+        # Fused kernels only where they exist (GPU, kernel module importable): compat.without_te.
+        **fused_kernel_flags(device),
+        deterministic_mode=not on_gpu or cfg.train.deterministic,
     )
+    if use_te:
+        kwargs.update(fp8_config_kwargs(cfg.train))
     if m.hyperp_architecture:
         kwargs["softmax_scale"] = softmax_scale(m.kv_channels)
     if m.moe.enabled:
@@ -76,16 +96,20 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False) -> Tran
             # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
             moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
-            moe_grouped_gemm=use_grouped_gemm(m.moe),
+            moe_grouped_gemm=experts_impl(m.moe, device) == "te_grouped",  # Megatron's flag means TE's
         )
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Module]:
-    """The model chunk(s) of this pipeline stage, initialized identically for every parallel layout."""
-    use_te = use_transformer_engine(cfg.model.transformer_impl, cfg.train.fp8)
-    tf_config = transformer_config(cfg, pg_collection, use_te)
-    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection)
+def build_model(cfg: Config, pg_collection, vocab_size: int,
+                device: torch.device | None = None) -> list[torch.nn.Module]:
+    """The model chunk(s) of this pipeline stage on ``device`` (default: the process group's), initialized
+    identically for every parallel layout and device."""
+    device = _device_or_default(device)
+    use_te = check_device_support(cfg, device)
+    tf_config = transformer_config(cfg, pg_collection, use_te, device)
+    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection,
+                            experts=experts_impl(cfg.model.moe, device))
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(
@@ -101,9 +125,19 @@ def build_model(cfg: Config, pg_collection, vocab_size: int) -> list[torch.nn.Mo
         pg_collection=pg_collection,
     )
     initialize_parameters(model, cfg, pg_collection)
+    if fp32_residual(cfg):
+        keep_residual_stream_fp32(model)
+    # As Megatron-LM's get_model: the whole model onto the device right after construction, before DDP
+    # and the optimizer wrap it (TP layers are created on the GPU, torch norms and buffers on the CPU).
+    model.to(device)
     if model.post_process and output_logit_multiplier(cfg) != 1.0:
         scale_output_logits(model, output_logit_multiplier(cfg))
     return [model]
+
+
+def fp32_residual(cfg: Config) -> bool:
+    """Whether the residual stream is kept in fp32 (``model.fp32_residual`` in a bf16 run)."""
+    return cfg.train.precision == "bf16" and cfg.model.fp32_residual
 
 
 def output_logit_multiplier(cfg: Config) -> float:

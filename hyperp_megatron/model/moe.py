@@ -4,9 +4,10 @@
   combine weights, the global switch load-balancing loss);
 - ``MoELayer`` -> :class:`HyperPMoELayer`: with SqrtGate and a shared expert the output is
   ``sqrt(1/2) * routed + sqrt(1/2) * shared`` (plain gates: ``routed + shared``, as in the reference);
-- ``MoESubmodules.experts``: Megatron's ``SequentialMLP`` (one MLP per expert; the CPU default) or, with
-  ``model.moe.grouped_gemm`` on a GPU with Transformer Engine, ``TEGroupedMLP`` (grouped GEMM, still
-  one ``weight{i}`` parameter per expert, so per-expert init and per-expert spheres are unchanged).
+- ``MoESubmodules.experts`` (:func:`experts_impl`, ``model.moe.grouped_gemm``): Megatron's ``SequentialMLP``
+  (one MLP per expert; the CPU default), Transformer Engine's ``TEGroupedMLP`` or, without TE,
+  :class:`~hyperp_megatron.model.experts.TorchGroupedMLP` (``torch._grouped_mm``). Both grouped versions
+  keep one ``weight{i}`` parameter per expert, so per-expert init and per-expert spheres are unchanged.
 
 Token dispatch (all-to-all or all-gather, expert parallel, expert tensor parallel) is Megatron's.
 """
@@ -50,10 +51,8 @@ class HyperPMoELayer(MoELayer):
         return output
 
 
-def grouped_gemm_available() -> bool:
-    """Transformer Engine's grouped linear (``TEGroupedMLP``) and a GPU are present."""
-    if not torch.cuda.is_available():
-        return False
+def te_grouped_gemm_importable() -> bool:
+    """Transformer Engine's grouped linear (``TEGroupedMLP``) imports (it needs TE, hence a GPU build)."""
     try:
         from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear
     except ImportError:
@@ -61,28 +60,37 @@ def grouped_gemm_available() -> bool:
     return TEColumnParallelGroupedLinear is not None
 
 
-def use_grouped_gemm(moe: MoEConfig) -> bool:
-    """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') on this machine."""
+def experts_impl(moe: MoEConfig, device) -> str:
+    """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') for a run on ``device``:
+
+    'false' -> 'sequential' (Megatron's SequentialMLP); on a GPU ('auto' or 'true') -> 'te_grouped' when TE's
+    grouped linear imports, else 'torch_grouped'; on CPU 'auto' -> 'sequential', 'true' -> 'torch_grouped'
+    (its per-expert loop: the same math as SequentialMLP, with the grouped module's parameter layout).
+    """
     if moe.grouped_gemm == "false":
-        return False
-    available = grouped_gemm_available()
-    if moe.grouped_gemm == "true" and not available:
-        raise ValueError("model.moe.grouped_gemm is true but Transformer Engine's grouped GEMM or a GPU is "
-                         "unavailable; use 'auto' (grouped GEMM when available) or 'false'")
-    return available
+        return "sequential"
+    if torch.device(device).type == "cuda":
+        return "te_grouped" if te_grouped_gemm_importable() else "torch_grouped"
+    return "torch_grouped" if moe.grouped_gemm == "true" else "sequential"
 
 
-def _grouped_experts_spec(num_experts: int) -> ModuleSpec:
+def _experts_spec(impl: str, num_experts: int, base: ModuleSpec) -> ModuleSpec | type:
     # Megatron's legacy GroupedMLP (one fused weight for all local experts) is never used: it would
     # merge the experts into one matrix for the optimizer and the initialization.
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    if impl == "te_grouped":
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
-    spec = get_moe_module_spec(use_te=True, num_experts=num_experts, moe_grouped_gemm=True)
-    return spec.submodules.experts
+        return get_moe_module_spec(use_te=True, num_experts=num_experts, moe_grouped_gemm=True).submodules.experts
+    if impl == "torch_grouped":
+        from hyperp_megatron.model.experts import TorchGroupedMLP
+
+        return ModuleSpec(module=TorchGroupedMLP)
+    return base.submodules.experts
 
 
-def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None) -> ModuleSpec:
-    """HyperP's MoE layer spec from Megatron's (``base``, the ``mlp`` of a GPT layer spec).
+def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, experts: str = "sequential") -> ModuleSpec:
+    """HyperP's MoE layer spec from Megatron's (``base``, the ``mlp`` of a GPT layer spec); ``experts``: the
+    experts module resolved by :func:`experts_impl` ('sequential', 'te_grouped' or 'torch_grouped').
 
     ``pg_collection`` is passed to the layer through the spec's params: Megatron's TransformerLayer
     hands its process groups only to the exact ``MoELayer`` class (0.16.1, ``transformer_layer.py``),
@@ -90,8 +98,7 @@ def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None) -> Modu
     """
     router = functools.partial(SqrtGateRouter, gate=moe.gate)
     submodules = dataclasses.replace(base.submodules, router=router)
-    if use_grouped_gemm(moe):
-        submodules.experts = _grouped_experts_spec(moe.num_routed_experts)
+    submodules.experts = _experts_spec(experts, moe.num_routed_experts, base)
     params = {"shared_expert_scale": SHARED_EXPERT_MIX if moe.gate == "sqrt" else 1.0}
     if pg_collection is not None:
         params["pg_collection"] = pg_collection
@@ -103,14 +110,13 @@ def routers(model_chunks) -> list[SqrtGateRouter]:
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SqrtGateRouter)]
 
 
-def pop_local_aux_loss(model_chunks) -> torch.Tensor:
-    """Sum over this rank's MoE layers of their aux-loss shares since the last call (then reset).
+def pop_local_aux_loss(model_chunks, device: torch.device) -> torch.Tensor:
+    """Sum over this rank's MoE layers of their aux-loss shares since the last call (then reset), on
+    ``device`` (the one the process group's collectives accept).
 
     Summed over all ranks (TP x DP x PP) and divided by the data-parallel size and the number of
     micro-batches, this is ``sum over layers of L_aux`` of the step (see ``switch_load_balancing_loss``).
     """
-    # On the device the process group's collectives accept (NCCL: the current GPU).
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     total = torch.zeros((), dtype=torch.float64, device=device)
     for router in routers(model_chunks):
         value = router.pop_aux_loss()

@@ -25,14 +25,16 @@ def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
     )
 
 
-def build_optimizer(cfg: Config, model_chunks: list, pg_collection):
-    """A Megatron optimizer (grad clipping over all parallel groups, checkpointable state)."""
+def build_optimizer(cfg: Config, model_chunks: list, pg_collection, peak_lr: float | None = None):
+    """A Megatron optimizer (grad clipping over all parallel groups, checkpointable state).
+
+    ``peak_lr``: the schedule's peak LR when it is derived (HyperP transfer), default ``optim.lr``."""
     if cfg.optim.name == "adamw":
         return get_megatron_optimizer(megatron_optimizer_config(cfg), model_chunks,
                                       use_gloo_process_groups=False, pg_collection=pg_collection)
     from hyperp_megatron.optim.sphere_builder import build_sphere_optimizer  # the HyperP optimizer
 
-    return build_sphere_optimizer(cfg, model_chunks, pg_collection)
+    return build_sphere_optimizer(cfg, model_chunks, pg_collection, peak_lr)
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

@@ -134,9 +134,18 @@ def _expert_batch_key(chunk_index: int, name: str) -> str:
     return f"chunk{chunk_index}.{name[: match.start()]}experts.fc{fc}"
 
 
+EXPERT_SPHERES = ("per_expert", "per_layer")
+
+
 def layout_for(name: str, param: torch.Tensor, *, optimizer_name: str, config, pg_collection,
-               chunk_index: int = 0) -> tuple[Role, ParamLayout]:
-    """Role and ``ParamLayout`` of one parameter of a GPTModel built with ``config``."""
+               chunk_index: int = 0, expert_sphere: str = "per_expert") -> tuple[Role, ParamLayout]:
+    """Role and ``ParamLayout`` of one parameter of a GPTModel built with ``config``.
+
+    ``expert_sphere`` (sphere_muon): 'per_expert' (each routed expert its own sphere, our default) or
+    'per_layer' (all routed experts of a layer, fc1 and fc2 separately, on one sphere, summed over the
+    expert-parallel group: the reference's sphere over a GPU's block of experts, made EP-invariant)."""
+    if expert_sphere not in EXPERT_SPHERES:
+        raise ValueError(f"expert_sphere must be one of {EXPERT_SPHERES}, got {expert_sphere!r}")
     if optimizer_name not in ("sphere_muon", "muon"):
         raise ValueError(f"optimizer_name must be 'sphere_muon' or 'muon', got {optimizer_name!r}")
     role = role_of(name)
@@ -148,11 +157,14 @@ def layout_for(name: str, param: torch.Tensor, *, optimizer_name: str, config, p
                                          role)
     qkv_split = _qkv_split(config, pg_collection.tp.size()) if role.name == "qkv" else None
     batch_key = _expert_batch_key(chunk_index, name) if is_expert else None
+    shared = is_expert and expert_sphere == "per_layer" and rule == "sphere_muon"
     return role, ParamLayout(rule, group=group, partition_dim=partition_dim, qkv_split=qkv_split,
-                             batch_key=batch_key, is_expert=is_expert)
+                             batch_key=batch_key, is_expert=is_expert, sphere_key=batch_key if shared else None,
+                             sphere_group=pg_collection.ep if shared else None)
 
 
-def assign_parameters(model_chunks: list, optimizer_name: str, pg_collection) -> list[ParamAssignment]:
+def assign_parameters(model_chunks: list, optimizer_name: str, pg_collection,
+                      expert_sphere: str = "per_expert") -> list[ParamAssignment]:
     """Every trainable parameter of this rank's model chunks with its role and layout, in model order.
 
     model_chunks: GPTModels, possibly wrapped in DDP / Float16Module. Raises ValueError for a
@@ -168,7 +180,8 @@ def assign_parameters(model_chunks: list, optimizer_name: str, pg_collection) ->
             if not param.requires_grad:
                 continue
             role, layout = layout_for(name, param, optimizer_name=optimizer_name, config=model.config,
-                                      pg_collection=pg_collection, chunk_index=chunk_index)
+                                      pg_collection=pg_collection, chunk_index=chunk_index,
+                                      expert_sphere=expert_sphere)
             assignments.append(ParamAssignment(prefix + name, param, role.name, layout))
     trainable = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
     assigned_ids = [id(a.param) for a in assignments]

@@ -14,6 +14,9 @@ Rules (HyperP, arXiv 2603.28743, section 1; Muon: K. Jordan et al., 2024):
   u = m_hat / (sqrt(v_hat) + eps) in place of O.
 - ``adamw`` (embeddings, norm gains, biases): AdamW, weight decay 0 by default.
 - ``muon`` (baseline): W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O, decoupled weight decay.
+
+Weight decay: ``1 - eta wd`` per step, or with ``decay_peak_lr = eta_peak`` the "independent" form
+``1 - (eta / eta_peak) wd`` (:func:`decay_factor`; the Muon baseline of the HyperP reference).
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ import torch
 from hyperp_megatron.optim.newton_schulz import newton_schulz5
 
 RULES = ("sphere_muon", "sphere_adam", "adamw", "muon")
+
+
+def decay_factor(lr: float, weight_decay: float, decay_peak_lr: float | None = None) -> float:
+    """Per-step weight factor: ``1 - eta wd`` (decoupled), or ``1 - (eta / eta_peak) wd`` ("independent":
+    follows the LR schedule's shape, not its size; arXiv 2309.14322, HyperP reference's Muon baseline)."""
+    if decay_peak_lr is None:
+        return 1 - lr * weight_decay
+    return 1 - (lr / decay_peak_lr) * weight_decay
 
 
 def nesterov_momentum(grad: torch.Tensor, state: dict, momentum: float) -> torch.Tensor:
@@ -106,12 +117,14 @@ def adamw_update(
 
 
 def muon_update(
-    weight: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, momentum: float, weight_decay: float
+    weight: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, momentum: float, weight_decay: float,
+    decay_peak_lr: float | None = None,
 ) -> None:
-    """Plain Muon baseline: W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) NS5(U)."""
+    """Plain Muon baseline: W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) NS5(U) (decay: :func:`decay_factor`)."""
     fan_out, fan_in = weight.shape
     orthogonal = newton_schulz5(nesterov_momentum(grad.float(), state, momentum))
-    new_weight = weight.float() * (1 - lr * weight_decay) - lr * math.sqrt(fan_out / fan_in) * orthogonal
+    new_weight = (weight.float() * decay_factor(lr, weight_decay, decay_peak_lr)
+                  - lr * math.sqrt(fan_out / fan_in) * orthogonal)
     weight.copy_(new_weight)
 
 
@@ -131,6 +144,7 @@ class ReferenceOptimizer:
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        decay_peak_lr: float | None = None,
     ) -> None:
         for name, (tensor, rule) in params.items():
             if rule not in RULES:
@@ -140,6 +154,7 @@ class ReferenceOptimizer:
         self.params = params
         self.lr, self.momentum, self.betas, self.eps = lr, momentum, betas, eps
         self.weight_decay = weight_decay
+        self.decay_peak_lr = decay_peak_lr  # the Muon rule's independent decay (see decay_factor)
         self.state: dict[str, dict] = {name: {} for name in params}
 
     @torch.no_grad()
@@ -152,7 +167,7 @@ class ReferenceOptimizer:
             if rule == "sphere_muon":
                 sphere_muon_update(weight, grad, state, momentum=self.momentum, **common)
             elif rule == "muon":
-                muon_update(weight, grad, state, momentum=self.momentum, **common)
+                muon_update(weight, grad, state, momentum=self.momentum, decay_peak_lr=self.decay_peak_lr, **common)
             elif rule == "sphere_adam":
                 sphere_adam_update(weight, grad, state, betas=self.betas, eps=self.eps, **common)
             else:

@@ -119,10 +119,11 @@ class _SphereCheckpointing:
         step = steps.pop() if steps else None
         sphere = self.optimizer
         groups = [sphere.layer_wise_dp_group, sphere.layer_wise_expert_dp_group]
+        device = params[0].device  # the model's: NCCL reduces GPU tensors only
         for group in [g for i, g in enumerate(groups) if g is not None and g not in groups[:i]]:
             # Layer-wise DP group: a rank owning no Adam-rule parameter has no step, but the common
             # value is written by global rank 0 only, so every DP rank must know it.
-            value = torch.tensor([-1 if step is None else step], dtype=torch.int64)
+            value = torch.tensor([-1 if step is None else step], dtype=torch.int64, device=device)
             dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
             step = None if value.item() < 0 else int(value.item())
         return step
@@ -182,12 +183,18 @@ def matrix_weight_decay(cfg: Config) -> float:
     return cfg.optim.weight_decay
 
 
-def torch_param_groups(assignments: list[ParamAssignment], weight_decay: float) -> list[dict]:
-    """One torch param group per rule (in first-seen order); elementwise AdamW has weight decay 0."""
+def torch_param_groups(assignments: list[ParamAssignment], weight_decay: float,
+                       peak_lr: float | None = None) -> list[dict]:
+    """One torch param group per rule (in first-seen order); elementwise AdamW has weight decay 0.
+
+    The Muon baseline's matrices decay by ``(eta(t) / peak_lr) * weight_decay`` per step (``decay_peak_lr``,
+    "independent" weight decay as the HyperP reference's baseline); the sphere rules by ``eta(t) * wd``.
+    """
     groups: dict[str, dict] = {}
     for a in assignments:
         group = groups.setdefault(a.rule, {"params": [], "rule": a.rule,
-                                           "weight_decay": 0.0 if a.rule == "adamw" else weight_decay})
+                                           "weight_decay": 0.0 if a.rule == "adamw" else weight_decay,
+                                           "decay_peak_lr": peak_lr if a.rule == "muon" else None})
         group["params"].append(a.param)
     return list(groups.values())
 
@@ -205,8 +212,12 @@ def _wrap(inner: SphereMuon, config, grad_stats_group, tp_group):
     return wrapped
 
 
-def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection) -> ChainedOptimizer:
-    """SphereMuon (optim.name 'sphere_muon' or the 'muon' baseline) for this rank's model chunks."""
+def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection,
+                           peak_lr: float | None = None) -> ChainedOptimizer:
+    """SphereMuon (optim.name 'sphere_muon' or the 'muon' baseline) for this rank's model chunks.
+
+    ``peak_lr``: the schedule's peak (default ``optim.lr``), the reference of the Muon baseline's
+    independent weight decay."""
     from hyperp_megatron.optim.builder import megatron_optimizer_config
 
     o = cfg.optim
@@ -216,7 +227,7 @@ def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection) -> Ch
     # layer-wise split replaces it (Megatron's DDP keeps plain all-reduced gradients).
     config = dataclasses.replace(megatron_optimizer_config(cfg), use_distributed_optimizer=False)
     layer_wise = cfg.parallel.distributed_optimizer
-    assignments = assign_parameters(model_chunks, o.name, pg_collection)
+    assignments = assign_parameters(model_chunks, o.name, pg_collection, o.expert_sphere)
     logger.info("optimizer roles: %s", role_table(assignments))
     weight_decay = matrix_weight_decay(cfg)
     optimizers = []
@@ -225,7 +236,7 @@ def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection) -> Ch
         if not members:
             continue
         inner = SphereMuon(
-            torch_param_groups(members, weight_decay),
+            torch_param_groups(members, weight_decay, peak_lr or o.lr),
             {a.param: a.layout for a in members},
             lr=o.lr, momentum=o.momentum, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
             weight_decay=weight_decay, ns_mode=o.ns_mode,

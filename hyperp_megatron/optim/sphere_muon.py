@@ -13,6 +13,11 @@ for hidden layers in neural networks"), eta = group["lr"], one per step for ever
 ``adamw``        (embeddings, norm gains, biases): AdamW, betas (0.9, 0.95), eps 1e-8, wd 0.
 ``muon``         (baseline): W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O.
 
+Weight decay per step is ``eta(t) wd`` (decoupled, AdamW's convention) or, for a group with
+``decay_peak_lr = eta_peak``, ``(eta(t) / eta_peak) wd`` ("independent" weight decay, Wortsman et al.,
+arXiv 2309.14322): it follows the schedule's shape but not the LR's size. The Muon baseline uses the latter
+with ``wd = wd0 d0 / d``, as the HyperP reference does.
+
 Distributed form. Each parameter comes with a ``ParamLayout`` saying which group shards it:
 - Newton-Schulz is done on the whole matrix ("gather") or with all-reduced Gram matrices
   ("distributed"), see ``newton_schulz.orthogonalize``; same-shape matrices that share a
@@ -37,6 +42,7 @@ import torch.distributed as dist
 
 from hyperp_megatron.optim.newton_schulz import NS_MODES, orthogonalize, supports_distributed_mode
 from hyperp_megatron.optim.reference import RULES
+from hyperp_megatron.optim.reference import decay_factor as reference_decay_factor
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,11 @@ class ParamLayout:
     batch_key: matrices with the same key and local shape share one batched Newton-Schulz
         (e.g. "layer3.experts.fc1"); None = not batched with other parameters.
     is_expert: use the expert data-parallel group in layer-wise mode.
+    sphere_key: sphere rules only: parameters with the same key share ONE sphere (one radius, one
+        step norm, one retraction over all of them), e.g. every routed expert of a layer
+        (``optim.expert_sphere: per_layer``); None = the parameter (each Q/K/V piece) is its own sphere.
+    sphere_group: the group over which the members of a shared sphere are spread (the expert-parallel
+        group); their norms are summed over it by one more all-reduce. None = all members are local.
     """
 
     rule: str
@@ -89,6 +100,8 @@ class ParamLayout:
     qkv_split: QKVSplit | None = None
     batch_key: Hashable | None = None
     is_expert: bool = False
+    sphere_key: Hashable | None = None
+    sphere_group: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -99,6 +112,11 @@ class ParamLayout:
             raise ValueError("a ParamLayout with a group needs partition_dim (the dim the group shards)")
         if self.rule not in MATRIX_RULES and (self.qkv_split is not None or self.batch_key is not None):
             raise ValueError(f"qkv_split and batch_key apply to {MATRIX_RULES} only, not {self.rule!r}")
+        if self.sphere_key is not None and (self.rule not in SPHERE_RULES or self.qkv_split is not None):
+            raise ValueError(f"sphere_key applies to whole {SPHERE_RULES} matrices only, not {self.rule!r} "
+                             "or a fused QKV")
+        if self.sphere_group is not None and self.sphere_key is None:
+            raise ValueError("a ParamLayout with a sphere_group needs a sphere_key")
 
 
 @dataclass(eq=False)
@@ -186,6 +204,8 @@ class SphereMuon(torch.optim.Optimizer):
         lr: eta; the trainer sets ``group["lr"]`` from the schedule each step.
         momentum: mu of the Nesterov heavy-ball momentum (matrix rules).
         betas, eps: Adam moments (sphere_adam, adamw).
+        decay_peak_lr: None (default): decay ``eta(t) wd`` per step; a float ``eta_peak``: independent
+            decay ``(eta(t) / eta_peak) wd`` per step (per group; the Muon baseline's groups set it).
         weight_decay: decoupled, ``W <- W (1 - eta wd)`` before the step; on a sphere it only
             changes the step to second order in eta.
         ns_mode: "gather" (default) or "distributed" (Gram all-reduce; matrices sharded along their
@@ -205,6 +225,7 @@ class SphereMuon(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        decay_peak_lr: float | None = None,
         ns_mode: str = "gather",
         ns_compute_dtype: torch.dtype | None = None,
         layer_wise_dp_group: dist.ProcessGroup | None = None,
@@ -220,7 +241,8 @@ class SphereMuon(torch.optim.Optimizer):
         self.layer_wise_expert_dp_group = layer_wise_expert_dp_group
         self._layout_by_param_id = {id(param): layout for param, layout in layouts.items()}
         self._plan: list[_PlannedParam] | None = None
-        defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decay_peak_lr=decay_peak_lr)
         super().__init__(params, defaults)
         self._get_plan()  # surfaces layout errors now; rebuilt lazily after add_param_group
 
@@ -265,6 +287,9 @@ class SphereMuon(torch.optim.Optimizer):
                 planned.ns_mode = self._ns_mode_for(planned)
                 plan.append(planned)
         for dp_group, is_expert in self._layer_wise_groups():
+            if any(p.layout.sphere_key is not None and p.layout.is_expert == is_expert for p in plan):
+                raise ValueError("shared spheres (sphere_key, optim.expert_sphere per_layer) need every member "
+                                 "updated on the same rank: not supported with layer-wise data parallelism")
             _assign_layer_wise_owners([p for p in plan if p.layout.is_expert == is_expert], dp_group)
         return plan
 
@@ -366,7 +391,8 @@ class SphereMuon(torch.optim.Optimizer):
             stats_list.append(stats)
         # Groups in order of first appearance in the parameter order: the same on every rank.
         for group, members, stats_list in by_group.values():
-            for planned, stats in zip(members, _sum_over_shards(stats_list, group)):
+            summed = sum_shared_spheres(members, _sum_over_shards(stats_list, group))
+            for planned, stats in zip(members, summed):
                 hyper = self.param_groups[planned.group_index]
                 _retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param], hyper)
 
@@ -455,6 +481,9 @@ def _validate_hyperparameters(group: dict, group_index: int) -> None:
         raise ValueError(f"{where}: eps must be > 0 (HyperP: 1e-8), got {eps!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"{where}: weight_decay must be >= 0 (HyperP: 0), got {weight_decay!r}")
+    peak = group["decay_peak_lr"]
+    if peak is not None and not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak > 0):
+        raise ValueError(f"{where}: decay_peak_lr must be None or a positive float (the peak LR), got {peak!r}")
 
 
 def _validate_layout_for_param(layout: ParamLayout, param: torch.Tensor, where: str) -> None:
@@ -521,6 +550,33 @@ def _sum_over_shards(stats_list: list[torch.Tensor], group: dist.ProcessGroup | 
     return [chunk.view_as(stats) for chunk, stats in zip(chunks, stats_list)]
 
 
+def sum_shared_spheres(members: list[_PlannedParam], stats_list: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Members with the same ``layout.sphere_key`` form one sphere: each gets the sum of their (whole-matrix)
+    statistics, over the local members and then over ``layout.sphere_group`` (one all-reduce per group,
+    all keys in one flat buffer). Others keep their own. Each member's stats hold one piece (no fused QKV)."""
+    keyed: dict[tuple, list[int]] = {}
+    for index, planned in enumerate(members):
+        if planned.layout.sphere_key is not None:
+            group = planned.layout.sphere_group
+            keyed.setdefault((id(group), planned.layout.sphere_key), []).append(index)
+    if not keyed:
+        return stats_list
+    out = list(stats_list)
+    by_group: dict[int, tuple] = {}
+    for (group_id, _), indices in keyed.items():  # keys in parameter order: the same on every rank
+        group = members[indices[0]].layout.sphere_group
+        by_group.setdefault(group_id, (group, []))[1].append(indices)
+    for group, index_lists in by_group.values():
+        flat = torch.stack([torch.stack([stats_list[i] for i in indices]).sum(dim=0) for indices in index_lists])
+        if group is not None and dist.get_world_size(group) > 1:
+            # The expert-parallel group: the other members of each sphere (other experts of the layer) live there.
+            dist.all_reduce(flat, group=group)
+        for total, indices in zip(flat.unbind(), index_lists):
+            for i in indices:
+                out[i] = total
+    return out
+
+
 def _nesterov_momentum(grad: torch.Tensor, state: dict, momentum: float) -> torch.Tensor:
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
@@ -543,15 +599,20 @@ def _adam_direction(grad: torch.Tensor, state: dict, betas: tuple[float, float],
     return exp_avg_hat / (exp_avg_sq_hat.sqrt() + eps)
 
 
+def decay_factor(hyper: dict) -> float:
+    """The weight's factor ``1 - eta(t) wd`` or, with ``decay_peak_lr``, ``1 - (eta(t) / eta_peak) wd``."""
+    return reference_decay_factor(hyper["lr"], hyper["weight_decay"], hyper.get("decay_peak_lr"))
+
+
 def _adamw_step(planned: _PlannedParam, direction: torch.Tensor, hyper: dict) -> None:
     param, lr = planned.param, hyper["lr"]
-    param.copy_(param.float() * (1 - lr * hyper["weight_decay"]) - lr * direction)
+    param.copy_(param.float() * decay_factor(hyper) - lr * direction)
 
 
 def _muon_step(planned: _PlannedParam, orthogonal: torch.Tensor, hyper: dict) -> None:
     """W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O, fan sizes of each whole piece."""
     param, lr = planned.param, hyper["lr"]
-    weight = planned.as_row_groups(param.float()) * (1 - lr * hyper["weight_decay"])  # a new tensor
+    weight = planned.as_row_groups(param.float()) * decay_factor(hyper)  # a new tensor
     orthogonal = planned.as_row_groups(orthogonal)
     start = 0
     for rows, (full_rows, full_cols) in zip(planned.piece_rows, planned.full_piece_shapes()):
@@ -572,7 +633,7 @@ def _retracted_sphere_step(
     if "radius" not in state:
         state["radius"] = weight_sq.sqrt()  # (num_pieces,): R = ||W_0||, before any decay
     radius, lr = state["radius"], hyper["lr"]
-    decay = 1 - lr * hyper["weight_decay"]
+    decay = decay_factor(hyper)
     direction_norm = direction_sq.sqrt()
     # An all-zero direction (zero gradient) gives no step rather than 0 * inf = NaN.
     step_scale = torch.where(direction_norm > 0, lr * radius / direction_norm, torch.zeros_like(radius))

@@ -1,0 +1,281 @@
+"""The parts of ``bench/gpu_check.py``: each ``fn(check) -> dict`` of numbers, plus ``"metrics"`` (flat
+names for the report) and ``"failures"`` (failed checks; the part is then reported as failed).
+
+``check.smoke`` (CI on the CPU) shrinks every shape and runs 2 steps: it proves each part runs, not speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from hyperp_megatron.transfer import ModelShape, flops_per_token
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CONFIG = "configs/tiny.yaml"
+TINY_STEPS = 40
+REFERENCE_STEPS = TINY_STEPS  # the same LR schedule, so every step compares
+STEP1_TOLERANCE = 1e-3
+RESUME_RTOL = 1e-4
+SMALL_MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+               "head_dim": None, "ffn_hidden_size": None, "seq_length": 64, "vocab_size": None}
+"""Smoke-mode shape of every trainer part (the tiny parts compare with the reference's ``smoke_*`` losses)."""
+SMALL_MOE = {"sparsity": 4, "granularity": 4, "shared_expert": True}
+UNIT_TESTS = ["tests/test_newton_schulz.py", "tests/test_sphere_muon.py", "tests/test_transfer.py",
+              "tests/test_config.py", "tests/test_device.py", "tests/test_rng_checkpoint.py"]
+
+
+def _steps(check, full: int) -> int:
+    return 2 if check.smoke else full
+
+
+# ---------------------------------------------------------------------- tiny: the CPU comparison
+
+
+def _tiny(check, precision: str, steps: int, small: bool) -> dict:
+    overrides = check.overrides(f"tiny_{precision}", train={"steps": steps, "precision": precision},
+                                **({"model": SMALL_MODEL} if small else {}))
+    result = check.train(TINY_CONFIG, overrides)
+    return {"losses": result["losses"], "step_times": [r["step_time"] for r in result["steps"]]}
+
+
+def _reference_name(precision: str, small: bool) -> str:
+    return f"{'smoke_' if small else ''}tiny_{precision}"
+
+
+def _tiny_part(check, precision: str) -> dict:
+    run = _tiny(check, precision, _steps(check, TINY_STEPS), small=check.smoke)
+    losses, failures = run["losses"], []
+    numbers = {"loss_step1": losses[0], "loss_last": losses[-1], "steps": len(losses),
+               "median_step_s": statistics.median(run["step_times"])}
+    reference = check.reference.get(_reference_name(precision, check.smoke), {}).get("losses")
+    if not reference:
+        failures.append("no CPU reference (bench/results/gpu/cpu_reference.json); run --write-reference on a CPU")
+    else:
+        diffs = [abs(a - b) for a, b in zip(losses, reference)]
+        numbers.update(cpu_loss_step1=reference[0], step1_abs_diff=diffs[0],
+                       max_abs_diff_first_steps=max(diffs), compared_steps=len(diffs))
+        if not diffs[0] <= STEP1_TOLERANCE:
+            failures.append(f"step-1 loss {losses[0]:.6f} vs CPU {reference[0]:.6f} (|diff| {diffs[0]:.2e} > "
+                            f"{STEP1_TOLERANCE})")
+    if not all(math.isfinite(x) for x in losses):
+        failures.append(f"non-finite loss: {losses}")
+    elif not check.smoke and not losses[-1] < losses[0] - 1.0:
+        failures.append(f"loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    metrics = {f"tiny_{precision}_loss_last": losses[-1]}
+    if "step1_abs_diff" in numbers:
+        metrics[f"tiny_{precision}_step1_abs_diff"] = numbers["step1_abs_diff"]
+    return {**numbers, "metrics": metrics, "failures": failures}
+
+
+def tiny_fp32(check) -> dict:
+    return _tiny_part(check, "fp32")
+
+
+def tiny_bf16(check) -> dict:
+    return _tiny_part(check, "bf16")
+
+
+def write_reference(check, path: Path, command: str) -> int:
+    """The CPU losses of the tiny parts' first steps, which a GPU run must reproduce."""
+    if check.device.type != "cpu":
+        raise SystemExit("error: --write-reference runs on the CPU (--device cpu)")
+    reference = {"command": command, "config": TINY_CONFIG, "versions": check.versions,
+                 "note": "synthetic data of bench/gpu_check.py, world size 1, TP 1, one CPU thread; "
+                         "smoke_*: the --smoke shape (SMALL_MODEL of bench/gpu_check_parts.py)"}
+    for precision in ("fp32", "bf16"):
+        for small, steps in ((True, 2), (False, REFERENCE_STEPS)):
+            losses = _tiny(check, precision, steps, small)["losses"]
+            reference[_reference_name(precision, small)] = {"steps": steps, "losses": losses}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(reference, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_resume(check) -> dict:
+    """Save at step k, resume from it in a new session, compare with the uninterrupted run: bit-exact
+    (losses and weights digest) with deterministic algorithms; next losses within RESUME_RTOL without.
+    Sphere Muon with the layer-wise distributed optimizer (its checkpoint code all-reduces over DP)."""
+    steps, save_at = (4, 2) if check.smoke else (6, 3)
+    model = {"model": SMALL_MODEL} if check.smoke else {}
+    numbers, failures = {}, []
+    for deterministic in (True, False):
+        tag = "deterministic" if deterministic else "default"
+        common = dict(train={"steps": steps, "deterministic": deterministic}, optim={"name": "sphere_muon"},
+                      parallel={"distributed_optimizer": True}, **model)
+        full = check.train(TINY_CONFIG, check.overrides(f"ckpt_{tag}_full", **common, checkpoint={
+            "interval": save_at, "save_final": False, "resume": False, "keep": 0}))
+        saved = Path(full["config"].logging.run_dir) / "checkpoints" / f"step_{save_at:06d}"
+        resumed = check.train(TINY_CONFIG, check.overrides(f"ckpt_{tag}_resumed", **common, checkpoint={
+            "load": str(saved), "resume": False}))
+        expected, got = full["losses"][save_at:], resumed["losses"]
+        worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected))
+        numbers[f"{tag}_max_rel_diff"] = worst
+        numbers[f"{tag}_bit_exact"] = got == expected and resumed["weights_digest"] == full["weights_digest"]
+        if len(got) != len(expected):
+            failures.append(f"{tag}: resumed run took {len(got)} steps, expected {len(expected)}")
+        elif deterministic and not numbers[f"{tag}_bit_exact"]:
+            failures.append(f"deterministic resume not bit-exact (max rel diff {worst:.2e})")
+        elif worst > RESUME_RTOL:
+            failures.append(f"{tag}: resumed losses differ by {worst:.2e} relative (> {RESUME_RTOL})")
+    return {**numbers, "metrics": {"resume_max_rel_diff": numbers["default_max_rel_diff"]}, "failures": failures}
+
+
+# ---------------------------------------------------------------------- d8 shapes: throughput
+
+
+def _d8_overrides(check, name: str, optimizer: str, moe: bool) -> dict:
+    if check.smoke:
+        model = dict(SMALL_MODEL, **({"moe": SMALL_MOE} if moe else {}))
+        train = {"micro_batch_size": 2, "global_batch_size": 2 if moe else 4, "steps": 2}
+    else:
+        # 32 x 2048 = 65,536 tokens per dense step (MoE: 8 x 2048), as measured in shared/GPU.md.
+        model = {"seq_length": 2048}
+        train = {"micro_batch_size": 8, "global_batch_size": 8 if moe else 32, "steps": 6 if moe else 10}
+    return check.overrides(name, model=model, optim={"name": optimizer}, monitor={"interval": 0},
+                           train={**train, "precision": "bf16"})
+
+
+def _throughput(check, config: str, name: str, optimizer: str, moe: bool) -> dict:
+    run = check.train(config, _d8_overrides(check, name, optimizer, moe))
+    cfg = run["config"]
+    records = run["steps"][3:] if len(run["steps"]) > 4 else run["steps"]  # after compilation / warm-up
+    step_s = statistics.median(r["step_time"] for r in records)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    shape = ModelShape.from_model_config(cfg.model, cfg.model.vocab_size or 8192)
+    numbers = {"step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_step / step_s, "tokens_per_step": tokens_per_step,
+               "flops_per_token": flops_per_token(shape), "loss_first": run["losses"][0],
+               "loss_last": run["losses"][-1], "timed_steps": len(records)}
+    if check.peak_tflops:
+        numbers["mfu"] = numbers["flops_per_token"] * numbers["tokens_per_s"] / (check.peak_tflops * 1e12)
+    failures = [] if all(math.isfinite(x) for x in run["losses"]) else [f"non-finite loss: {run['losses']}"]
+    return {**numbers, "failures": failures}
+
+
+def _dense(check, optimizer: str) -> dict:
+    numbers = _throughput(check, "configs/hyperp/dense_d8.yaml", f"dense_d8_{optimizer}", optimizer, moe=False)
+    metrics = {f"dense_d8_{optimizer}_tokens_per_s": numbers["tokens_per_s"]}
+    if "mfu" in numbers:
+        metrics[f"dense_d8_{optimizer}_mfu"] = numbers["mfu"]
+        if optimizer == "sphere_muon":
+            metrics["dense_d8_mfu"] = numbers["mfu"]
+    return {**numbers, "metrics": metrics}
+
+
+def dense_d8_sphere_muon(check) -> dict:
+    return _dense(check, "sphere_muon")
+
+
+def dense_d8_muon(check) -> dict:
+    return _dense(check, "muon")
+
+
+def dense_d8_adamw(check) -> dict:
+    return _dense(check, "adamw")
+
+
+def moe_d8(check) -> dict:
+    numbers = _throughput(check, "configs/hyperp/moe_d8.yaml", "moe_d8", "sphere_muon", moe=True)
+    metrics = {"moe_d8_tokens_per_s": numbers["tokens_per_s"]}
+    if "mfu" in numbers:
+        metrics["moe_d8_mfu"] = numbers["mfu"]
+    return {**numbers, "metrics": metrics}
+
+
+# ---------------------------------------------------------------------- optimizer and Newton-Schulz alone
+
+
+def _hidden_matrices(check) -> list[tuple[int, int]]:
+    """The 32 hidden matrices of d8 (fused QKV, fused gate+up fc1): 142.6M parameters."""
+    layers, width, heads, groups, head_dim, ffn = (2, 64, 4, 2, 16, 256) if check.smoke else (8, 1024, 16, 4, 128, 4096)
+    per_layer = [((heads + 2 * groups) * head_dim, width), (width, heads * head_dim), (2 * ffn, width), (width, ffn)]
+    return per_layer * layers
+
+
+def optimizer_step(check) -> dict:
+    """One optimizer step on the d8 hidden matrices with fixed gradients, interleaved rounds, median."""
+    from hyperp_megatron.optim import ParamLayout, SphereMuon
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = _hidden_matrices(check)
+    weights = [((torch.rand(m, n, generator=generator) * 2 - 1) / math.sqrt(n)).to(check.device) for m, n in shapes]
+    grads = [(torch.randn(m, n, generator=generator) * 1e-3).to(check.device) for m, n in shapes]
+
+    def params():
+        tensors = [torch.nn.Parameter(w.clone()) for w in weights]
+        for tensor, grad in zip(tensors, grads):
+            tensor.grad = grad.clone()
+        return tensors
+
+    def sphere(rule, dtype):
+        tensors = params()
+        return SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=0.02, ns_compute_dtype=dtype)
+
+    optimizers = {"sphere_fp32_ns": sphere("sphere_muon", None),
+                  "sphere_bf16_ns": sphere("sphere_muon", torch.bfloat16),
+                  "muon_bf16_ns": sphere("muon", torch.bfloat16),
+                  "torch_muon": torch.optim.Muon(params(), lr=0.02, weight_decay=0.0),
+                  "torch_adamw": torch.optim.AdamW(params(), lr=0.02, betas=(0.9, 0.95), weight_decay=0.0)}
+    repeats = 2 if check.smoke else 10
+    times = {name: [] for name in optimizers}
+    for round_index in range(2 + repeats):
+        for name, optimizer in optimizers.items():
+            seconds = check.time_cuda(optimizer.step, repeats=1, warmup=0)
+            if round_index >= 2:
+                times[name].append(seconds)
+    ms = {f"{name}_ms": 1e3 * statistics.median(values) for name, values in times.items()}
+    ratio = ms["sphere_bf16_ns_ms"] / ms["torch_muon_ms"]
+    return {**ms, "params_m": sum(m * n for m, n in shapes) / 1e6, "sphere_step_vs_torch_muon": ratio,
+            "metrics": {"sphere_step_vs_torch_muon": ratio, "sphere_step_bf16_ms": ms["sphere_bf16_ns_ms"]}}
+
+
+def newton_schulz(check) -> dict:
+    """NS5 on an 8192 x 1024 matrix (bf16 and fp32 iterations) vs a square bf16 matmul, in TFLOP/s."""
+    from hyperp_megatron.optim import newton_schulz5
+
+    rows, cols, size = (256, 64, 256) if check.smoke else (8192, 1024, 8192)
+    repeats = 2 if check.smoke else 20
+    update = torch.randn(rows, cols, device=check.device)
+    short, long = min(rows, cols), max(rows, cols)
+    ns_flops = 5 * (4 * short * short * long + 2 * short**3)  # 5 iterations of A = X X^T, B = bA + cA^2, BX
+    ns_bf16 = check.time_cuda(lambda: newton_schulz5(update, compute_dtype=torch.bfloat16), repeats)
+    ns_fp32 = check.time_cuda(lambda: newton_schulz5(update), repeats)
+    a = torch.randn(size, size, device=check.device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=check.device, dtype=torch.bfloat16)
+    matmul = check.time_cuda(lambda: a @ b, repeats)
+    tflops = {"ns_bf16_tflops": ns_flops / ns_bf16 / 1e12, "ns_fp32_tflops": ns_flops / ns_fp32 / 1e12,
+              "matmul_bf16_tflops": 2 * size**3 / matmul / 1e12}
+    ratio = tflops["ns_bf16_tflops"] / tflops["matmul_bf16_tflops"]
+    return {**tflops, "ns_bf16_ms": 1e3 * ns_bf16, "ns_bf16_vs_matmul": ratio,
+            "metrics": {"ns_bf16_vs_matmul": ratio, "matmul_bf16_tflops": tflops["matmul_bf16_tflops"]}}
+
+
+# ---------------------------------------------------------------------- unit tests
+
+
+def unit_tests(check) -> dict:
+    """The single-process unit tests, in a child process (its own Megatron state)."""
+    files = ["tests/test_transfer.py"] if check.smoke else UNIT_TESTS
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", summary)}
+    failures = [] if proc.returncode == 0 else [f"pytest exit {proc.returncode}: {summary or proc.stderr[-500:]}"]
+    return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
+            "files": len(files), "metrics": {"unit_tests_passed": counts.get("passed", 0)}, "failures": failures}
+
+
+PARTS = {fn.__name__: fn for fn in (tiny_fp32, tiny_bf16, checkpoint_resume, dense_d8_sphere_muon, dense_d8_muon,
+                                     dense_d8_adamw, moe_d8, optimizer_step, newton_schulz, unit_tests)}
+"""Run in this order; the first ones matter most when the time budget runs out."""

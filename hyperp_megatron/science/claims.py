@@ -1,0 +1,264 @@
+"""The analysis behind the report: per-sweep optima, the fits across scales, and a verdict per claim.
+
+Claims (HYPERP.md section 7, issue 17) and how each is judged at our scale. ``sd`` is always the fit's own
+uncertainty (seed bootstrap or jackknife, propagated by weighted least squares); thresholds are stated in
+each verdict's ``rule`` and in REPORT.md.
+
+1. ``transfer``: the optimal BASE LR is the same at every depth (C = 16 d) and width: slope of
+   log(base lr*) against log(scale).
+2. ``token_law``: the optimal ACTUAL LR against tokens: exponent, paper -0.32.
+3. ``depth_mup``: without the Depth-muP factor the optimum drifts with depth (expected slope -0.5).
+4. ``weight_decay``: wd 0.1 vs 0 on the sphere, per LR, against the seed noise (3 seeds each).
+5. ``sqrt_gate``: SqrtGate keeps the MoE branch RMS and the optimal LR flat in the granularity k.
+6. ``stability``: Z values, branch RMS and outlier percentages along the depth ladder (HyperP, at each
+   depth's best LR) do not grow with FLOPs.
+7. ``compute``: HyperP vs the Muon baseline, best loss per depth against FLOPs, a joint law
+   ``L = A_i C^-b + c``: compute multiplier (A_muon / A_hyperp)^(1/b), paper 1.58.
+``norm_transfer`` (issue 17): the output layer's RMS->inf norm of the optimal runs of every token budget and
+batch size, against its spread over the whole grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from hyperp_megatron.science import fit
+from hyperp_megatron.science.results import Row, completeness, sweep_points
+
+PAPER = {"transfer": "optimal base LR constant across width and depth (slope 0)",
+         "token_law": -0.32, "depth_mup": "optimum drifts without Depth-muP (slope -0.5 expected)",
+         "weight_decay": "no first-order effect", "sqrt_gate": "flat output RMS and optimal LR in k",
+         "stability": "bounded, non-increasing with FLOPs", "compute": 1.58,
+         "norm_transfer": "optimal (LR, batch) pairs share one output-layer norm (~27 RMS->inf, Scion)"}
+HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
+
+
+@dataclass
+class Verdict:
+    claim: str
+    verdict: str
+    measured: object
+    uncertainty: object
+    paper: object
+    rule: str
+    why: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sweep:
+    """One (variant, scale) LR sweep and its fit."""
+
+    experiment: str
+    variant: str
+    scale: str
+    points: dict  # lr -> losses
+    optimum: fit.OptimumFit | None
+    rows: list = field(default_factory=list)
+    error: str | None = None
+
+
+def sweeps(experiment: str, rows: list[Row], x: str = "base") -> dict[tuple[str, str], Sweep]:
+    out = {}
+    for variant, scale in dict.fromkeys((r.variant, r.scale) for r in rows):
+        points = sweep_points(rows, variant, scale, x)
+        mine = [r for r in rows if r.variant == variant and r.scale == scale]
+        try:
+            optimum = fit.fit_optimum(points)
+            error = None
+        except ValueError as exc:
+            optimum, error = None, str(exc)
+        out[variant, scale] = Sweep(experiment, variant, scale, points, optimum, mine, error)
+    return out
+
+
+def slope_across(sweeps_by_scale: list[tuple[float, Sweep]]) -> fit.PowerLaw | None:
+    usable = [(x, s.optimum) for x, s in sweeps_by_scale if s.optimum is not None]
+    if len(usable) < 2:
+        return None
+    return fit.power_law([x for x, _ in usable], [o.lr for _, o in usable], [o.log_sd for _, o in usable])
+
+
+def _edges(items) -> list[str]:
+    return [s.scale for _, s in items if s.optimum is not None and s.optimum.at_edge]
+
+
+def _incomplete(rows: list[Row]) -> str:
+    finished, total = completeness(rows)
+    return "" if finished == total else f" ({finished} of {total} runs finished)"
+
+
+def slope_verdict(claim: str, law: fit.PowerLaw | None, edges: list[str], rows, *, flat: bool,
+                  expected: float = 0.0, paper=None, small: float = 0.1, large: float = 0.25) -> Verdict:
+    """Verdict on a fitted slope: ``flat`` claims want ~0, others a drift (of ``expected``'s sign)."""
+    incomplete = _incomplete(rows)
+    if law is None:
+        return Verdict(claim, OPEN, None, None, paper, "", "fewer than 2 scales with a fitted optimum" + incomplete)
+    m, sd = law.slope, law.slope_sd
+    if flat:
+        rule = f"holds if |slope| <= max(2 sd, {small}); does not hold if |slope| > 2 sd and >= {large}"
+        if abs(m) <= max(2 * sd, small):
+            verdict = HOLDS
+        elif abs(m) >= large:
+            verdict = FAILS
+        else:
+            verdict = OPEN
+    else:
+        rule = (f"holds if the slope has the expected sign ({expected:+g}) and |slope| > 2 sd; does not hold if "
+                f"|slope| <= 2 sd with sd < {large / 2}")
+        if np.sign(m) == np.sign(expected) and abs(m) > 2 * sd:
+            verdict = HOLDS
+        elif abs(m) <= 2 * sd and sd < large / 2:
+            verdict = FAILS
+        else:
+            verdict = OPEN
+    why = f"slope {m:+.3f} +- {sd:.3f} over {law.num_points} scales"
+    if edges and verdict != FAILS:
+        verdict, why = OPEN, why + f"; the best LR is at the grid's edge at {edges} (optimum may lie outside)"
+    return Verdict(claim, verdict, m, sd, paper, rule, why + incomplete)
+
+
+def noise_of(wd_sweep: Sweep | None) -> float | None:
+    """Median over LRs of the seed standard deviation of the final validation loss (the base point)."""
+    if wd_sweep is None:
+        return None
+    sds = [float(np.std(v, ddof=1)) for v in wd_sweep.points.values() if len(v) >= 2]
+    return float(np.median(sds)) if sds else None
+
+
+def weight_decay_verdict(base: Sweep | None, decayed: Sweep | None, rows) -> Verdict:
+    incomplete = _incomplete(rows)
+    if base is None or decayed is None:
+        return Verdict("weight_decay", OPEN, None, None, PAPER["weight_decay"], "", "missing sweeps" + incomplete)
+    diffs = {}
+    for lr in sorted(set(base.points) & set(decayed.points)):
+        a, b = np.array(base.points[lr]), np.array(decayed.points[lr])
+        if len(a) >= 2 and len(b) >= 2:
+            se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+            diffs[lr] = (float(b.mean() - a.mean()), se)
+    rule = "holds if every per-LR difference (wd 0.1 - wd 0) is within 2.5 standard errors of the seed noise"
+    if not diffs:
+        return Verdict("weight_decay", OPEN, None, None, PAPER["weight_decay"], rule,
+                       "no LR with 2+ seeds" + incomplete)
+    worst = max(abs(d) / max(se, 1e-12) for d, se in diffs.values())
+    mean_diff = float(np.mean([d for d, _ in diffs.values()]))
+    verdict = HOLDS if worst <= 2.5 else FAILS
+    why = (f"largest |difference| / se = {worst:.2f} over {len(diffs)} LRs; mean difference {mean_diff:+.4f} nats")
+    return Verdict("weight_decay", verdict, mean_diff, float(np.mean([se for _, se in diffs.values()])),
+                   PAPER["weight_decay"], rule, why + incomplete,
+                   {"per_lr": {f"{lr:g}": {"difference": d, "se": se} for lr, (d, se) in diffs.items()}})
+
+
+def nearest_run(sweep: Sweep) -> Row | None:
+    """The finished run at the grid LR closest (in log) to the fitted optimum (first seed)."""
+    if sweep.optimum is None:
+        return None
+    finite = [r for r in sweep.rows if r.run.finite]
+    if not finite:
+        return None
+    return min(finite, key=lambda r: (abs(math.log(r.base_lr / sweep.optimum.lr)), r.seed))
+
+
+STABILITY_KEYS = ("attn_z", "attn_rms", "mlp_rms", "attn_outlier_pct", "mlp_outlier_pct")
+
+
+def stability_verdict(ladder: list[tuple[float, Sweep]], rows, tolerance: float = 0.05,
+                      large: float = 0.15) -> Verdict:
+    incomplete = _incomplete(rows)
+    points = []
+    for _, sweep in ladder:
+        row = nearest_run(sweep)
+        if row is not None and row.run.flops and row.run.monitors:
+            points.append((row.run.flops, row.run.monitors, sweep.scale))
+    rule = (f"per indicator, slope of log(value) vs log(FLOPs) over the ladder at each scale's best LR: holds if "
+            f"every slope <= {tolerance}; does not hold if one is > {large}")
+    if len(points) < 2:
+        return Verdict("stability", OPEN, None, None, PAPER["stability"], rule, "fewer than 2 scales" + incomplete)
+    slopes, table = {}, {}
+    for key in STABILITY_KEYS:
+        values = [(f, m.get(key)) for f, m, _ in points if m.get(key) is not None and m.get(key) > 0]
+        table[key] = {s: m.get(key) for _, m, s in points}
+        if len(values) >= 2:
+            slopes[key] = fit.power_law([f for f, _ in values], [v for _, v in values]).slope
+    worst = max(slopes.values(), default=math.nan)
+    verdict = OPEN if not slopes else HOLDS if worst <= tolerance else FAILS if worst > large else OPEN
+    why = "slopes vs FLOPs: " + ", ".join(f"{k} {v:+.3f}" for k, v in slopes.items())
+    return Verdict("stability", verdict, slopes, None, PAPER["stability"], rule, why + incomplete,
+                   {"values": table, "flops": {s: f for f, _, s in points}})
+
+
+def compute_verdict(hyperp: list[tuple[float, Sweep]], muon: list[tuple[float, Sweep]], rows,
+                    noise_sd: float | None) -> Verdict:
+    incomplete = _incomplete(rows)
+
+    def curve(ladder):
+        out = []
+        for _, sweep in ladder:
+            row = nearest_run(sweep)
+            if sweep.optimum is not None and row is not None and row.run.flops:
+                out.append((row.run.flops, sweep.optimum.loss))
+        return sorted(out)
+
+    a, b = curve(hyperp), curve(muon)
+    rule = ("joint fit L = A_i (C/C_ref)^-b + c to each method's best loss per depth; multiplier (A_muon / "
+            "A_hyperp)^(1/b) with a 16-84% band from redrawing every loss with the seed noise: holds if the band "
+            "is above 1, does not hold if below 1")
+    if len(a) < 2 or len(b) < 2 or len(a) + len(b) < 5:
+        return Verdict("compute", OPEN, None, None, PAPER["compute"], rule, "too few depths fitted" + incomplete,
+                       {"hyperp": a, "muon": b})
+    law_a, law_b = fit.joint_compute_law([c for c, _ in a], [l for _, l in a], [c for c, _ in b], [l for _, l in b])
+    multiplier = fit.compute_multiplier(law_a, law_b)
+    band = fit.bootstrap_multiplier([c for c, _ in a], [l for _, l in a], [c for c, _ in b], [l for _, l in b],
+                                    noise_sd or 0.01)
+    verdict = HOLDS if band[0] > 1 else FAILS if band[2] < 1 else OPEN
+    largest = max(c for c, _ in a + b)
+    why = (f"multiplier {multiplier:.3g} (16-84%: {band[0]:.3g}-{band[2]:.3g}) with b = {law_a.b:.3f}, "
+           f"c = {law_a.c:.3f}; at our largest {largest:.3g} FLOPs best losses hyperp {a[-1][1]:.4f}, "
+           f"muon {b[-1][1]:.4f}")
+    return Verdict("compute", verdict, multiplier, band, PAPER["compute"], rule, why + incomplete,
+                   {"hyperp": a, "muon": b, "law_hyperp": law_a.to_dict(), "law_muon": law_b.to_dict()})
+
+
+def norm_at_optimum(sweep: Sweep, key: str) -> float | None:
+    """The monitor value ``key`` (final step) interpolated in log-log at the sweep's fitted optimum."""
+    if sweep.optimum is None:
+        return None
+    pairs = sorted((r.base_lr, r.run.monitors[key]) for r in sweep.rows
+                   if r.run.finite and r.run.monitors.get(key))
+    if len(pairs) < 2:
+        return None
+    x = np.log([p[0] for p in pairs])
+    y = np.log([p[1] for p in pairs])
+    return float(np.exp(np.interp(math.log(sweep.optimum.lr), x, y)))
+
+
+def norm_transfer_verdict(groups: dict[str, list[Sweep]], rows, key: str = "output_rms_inf") -> Verdict:
+    incomplete = _incomplete(rows)
+    optimal, everything = {}, []
+    for group, group_sweeps in groups.items():
+        for sweep in group_sweeps:
+            value = norm_at_optimum(sweep, key)
+            if value is not None:
+                optimal[f"{group}/{sweep.scale}"] = value
+            everything += [r.run.monitors[key] for r in sweep.rows if r.run.finite and r.run.monitors.get(key)]
+    rule = ("spread = sd of log(norm); holds if the optimal runs' spread is < 0.3 x the whole grid's and their "
+            "max/min < 1.25; does not hold if the ratio is > 0.5 and max/min > 1.5")
+    if len(optimal) < 2 or len(everything) < 3:
+        return Verdict("norm_transfer", OPEN, None, None, PAPER["norm_transfer"], rule,
+                       "too few optima with the norm logged" + incomplete)
+    spread_opt = float(np.std(np.log(list(optimal.values()))))
+    spread_grid = float(np.std(np.log(everything)))
+    ratio = spread_opt / max(spread_grid, 1e-12)
+    max_min = max(optimal.values()) / min(optimal.values())
+    verdict = (HOLDS if ratio < 0.3 and max_min < 1.25 else FAILS if ratio > 0.5 and max_min > 1.5 else OPEN)
+    why = (f"{key} at the optimum: {', '.join(f'{k} {v:.3g}' for k, v in optimal.items())}; spread at the optimum "
+           f"{spread_opt:.3f} vs grid {spread_grid:.3f} (ratio {ratio:.2f}), max/min {max_min:.3f}")
+    return Verdict("norm_transfer", verdict, float(np.exp(np.mean(np.log(list(optimal.values()))))),
+                   {"spread_optimum": spread_opt, "spread_grid": spread_grid, "max_over_min": max_min},
+                   PAPER["norm_transfer"], rule, why + incomplete, {"optimal": optimal})

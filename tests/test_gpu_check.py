@@ -1,0 +1,88 @@
+"""``bench/gpu_check.py`` in its CPU smoke mode: every part runs, the report has the promised schema, the
+tiny parts match the committed CPU reference, and a failing part is reported while the rest still run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
+                           "--work-dir", str(out / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+def test_every_part_runs_and_the_report_has_the_schema(smoke_report):
+    from gpu_check_parts import PARTS
+
+    report, markdown = smoke_report
+    assert {"gpu", "versions", "parts", "metrics"} <= set(report)
+    assert report["gpu"].startswith("cpu") and report["versions"]["megatron-core"] == "0.16.1"
+    assert list(report["parts"]) == list(PARTS)
+    for name, record in report["parts"].items():
+        assert record["ok"] is True and record["error"] is None, (name, record)
+        assert isinstance(record["seconds"], float)
+    assert report["metrics"] and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                     for v in report["metrics"].values()), report["metrics"]
+    for name in ("tiny_fp32_step1_abs_diff", "tiny_bf16_step1_abs_diff", "dense_d8_sphere_muon_tokens_per_s",
+                 "moe_d8_tokens_per_s", "sphere_step_vs_torch_muon", "ns_bf16_vs_matmul", "resume_max_rel_diff"):
+        assert name in report["metrics"], name
+    assert all(name in markdown for name in PARTS)
+
+
+def test_tiny_parts_reproduce_the_committed_cpu_reference(smoke_report):
+    report, _ = smoke_report
+    for precision in ("fp32", "bf16"):
+        # Same machine kind, one thread: the CPU run is the reference up to summation order.
+        assert report["parts"][f"tiny_{precision}"]["max_abs_diff_first_steps"] < 1e-5
+    resume = report["parts"]["checkpoint_resume"]
+    assert resume["deterministic_bit_exact"] and resume["default_bit_exact"]
+
+
+def test_a_failing_part_is_reported_and_the_rest_run(tmp_path):
+    import torch
+    from gpu_check import Check, run_part, write_report
+
+    check = Check(torch.device("cpu"), smoke=True, work_dir=tmp_path, peak_tflops=None)
+
+    def broken(check):
+        raise RuntimeError("boom")
+
+    def failed_check(check):
+        return {"value": 1.5, "failures": ["value too small"], "metrics": {"value": 1.5}}
+
+    records = {}
+    for name, fn in (("broken", broken), ("failed_check", failed_check), ("fine", lambda c: {"x": 2})):
+        records[name], _ = run_part(check, fn)
+    assert records["broken"]["ok"] is False and records["broken"]["error"] == "RuntimeError: boom"
+    assert records["failed_check"] == {"ok": False, "error": "value too small", "value": 1.5,
+                                       "seconds": records["failed_check"]["seconds"]}
+    assert records["fine"]["ok"] is True and records["fine"]["x"] == 2
+    report = {"gpu": "cpu", "versions": {}, "smoke": True, "command": "test", "started": "now", "seconds": 1.0,
+              "parts": records, "metrics": {"value": 1.5}}
+    write_report(report, tmp_path)
+    assert "**RuntimeError: boom**" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_synthetic_corpus_is_the_same_everywhere():
+    """The GPU run compares with losses computed here: its data must be bit-identical."""
+    from gpu_check import synthetic_documents
+
+    documents = synthetic_documents(50, 8192)
+    digest = hashlib.sha256(b"".join(doc.astype("<i8").tobytes() for doc in documents)).hexdigest()
+    assert [len(doc) for doc in documents[:4]] == [535, 265, 310, 453]
+    assert digest == "6c5e2a94dde517f07412bb07702bb3a606570c7ff609005dadaa635edeb297a4"
+    assert all(0 <= doc.min() and doc.max() < 8191 for doc in documents)  # 8191 is EOD
