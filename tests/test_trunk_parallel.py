@@ -29,9 +29,9 @@ LAYOUTS = {
     "tp2_sp": {"tensor": 2, "sequence_parallel": True},
     "dp2_distopt": {"distributed_optimizer": True},  # Megatron's DistributedOptimizer (AdamW state over DP)
 }
-LOSS_RTOL = 1e-6  # measured <= 1.7e-7 (TP=2)
-STEP1_ADAM_FRO_RTOL = 5e-4  # 1.6e-4 (TP=2)
-FINAL_ADAM_FRO_RTOL = 5e-3  # 2.0e-3 (TP=2); controls >= 0.15
+LOSS_RTOL = 1e-6  # measured <= 1.1e-7 (TP=2; 1.7e-7 with Megatron's attention)
+STEP1_ADAM_FRO_RTOL = 5e-4  # 1.7e-4 (TP=2)
+FINAL_ADAM_FRO_RTOL = 5e-3  # 2.3e-3 (TP=2); controls >= 0.15
 
 
 def _run(parallel: dict, **sections) -> dict:
