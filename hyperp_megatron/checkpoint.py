@@ -114,6 +114,23 @@ def find_resumable(root: Path, log=print) -> Path | None:
     return None
 
 
+def peek_resumable(root: Path) -> tuple[Path, int] | None:
+    """The checkpoint a resume from ``root`` tries first (``root`` itself if it is one, else the one named in
+    ``latest``, else the newest complete one) and its step, read without verifying its files."""
+    if (root / MANIFEST).is_file():
+        candidate = root
+    elif (root / LATEST).is_file():
+        candidate = root / (root / LATEST).read_text().strip()
+    else:
+        candidate = next(iter(complete_checkpoints(root)), None)
+    if candidate is None:
+        return None
+    try:
+        return candidate, int(json.loads((candidate / STATE).read_text())["train_state"]["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 

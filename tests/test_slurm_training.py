@@ -1,9 +1,11 @@
-"""The real trainer under a real local SLURM cluster (two emulated nodes) and under MPI.
+"""The real trainer (sphere Muon) under a real local SLURM cluster (two emulated nodes) and under MPI.
 
-- sbatch launch/slurm_per_task.sbatch: 2 nodes x 1 task train to completion; a job signalled mid-run
-  (scancel --signal=TERM, as --signal=TERM@N does) checkpoints, exits with the requeue status, is
-  requeued by its script, resumes and finishes with the uninterrupted run's final loss and weights.
-- launch/mpi.sh (mpiexec -n 2, MPICH from PyPI): the same losses as torchrun.
+- launch/slurm_per_task.sbatch (2 nodes x 1 task) and launch/slurm_multinode.sbatch (torchrun per node,
+  2 nodes x 1 process): a job signalled mid-run (scancel --signal=TERM, as --signal=TERM@N does)
+  checkpoints and is requeued by its own script (per task: on the trainer's exit status 75; multi-node: on
+  the marker run_dir/preempted.json, as torchrun hides the status), whose run then exits 0. The requeued run
+  removes the marker, resumes and finishes with the uninterrupted torchrun run's final loss and weights.
+- launch/mpi.sh (mpiexec -n 2, MPICH from PyPI): the same losses and weights as torchrun.
 """
 
 import os
@@ -14,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.slurm import slurm_cluster  # noqa: F401 - fixture
+from cluster.slurm import TERMINAL_STATES, SlurmCluster, slurm_cluster  # noqa: F401 - fixture
 from trainer_utils import REPO, finish, final, job_env, launch_torchrun, wait_for_step, write_config
 
 STEPS = 6
 VENV_BIN = Path(sys.executable).parent
-LAYOUT = {"train": {"steps": STEPS}, "parallel": {"tensor": 2}}
+LAYOUT = {"train": {"steps": STEPS}, "parallel": {"tensor": 2}, "optim": {"name": "sphere_muon", "lr": 0.05}}
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +33,36 @@ def torchrun_reference(tmp_path_factory, embedded_corpus):
 
 
 def _logs(tmp_path: Path) -> str:
-    return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("*.out")))
+    return "\n".join(p.read_text()[-4000:] for p in sorted(tmp_path.glob("*.out")))
 
 
-def test_slurm_job_preempted_requeued_resumes_to_identical_weights(slurm_cluster, tmp_path, torchrun_reference):
+@pytest.mark.parametrize("script, marker_line", [
+    ("launch/slurm_per_task.sbatch", "step exited 75 (REQUEUE_EXIT_CODE): requeueing job"),
+    ("launch/slurm_multinode.sbatch", "preempted at step"),
+])
+def test_slurm_job_preempted_requeues_itself_and_resumes_to_identical_weights(
+        slurm_cluster: SlurmCluster, tmp_path, torchrun_reference, script, marker_line):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, run_dir, merge_into=LAYOUT)
-    env = job_env(PYTHON=sys.executable, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    job_id, _ = slurm_cluster.sbatch(["launch/slurm_per_task.sbatch", "--config", str(config)], cwd=REPO, env=env,
+    # multinode: NPROC_PER_NODE=1, the same 2-process world (and so the same weights) as the reference.
+    env = job_env(PYTHON=sys.executable, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                  NPROC_PER_NODE="1")
+    job_id, _ = slurm_cluster.sbatch([script, "--config", str(config)], cwd=REPO, env=env,
                                      sbatch_args=[f"--output={tmp_path}/%x-%j.out", "--nodes=2",
                                                   "--ntasks-per-node=1"])
+    log = tmp_path / f"hyperp-{job_id}.out"
     wait_for_step(run_dir, 2, timeout=300)
     slurm_cluster.run(["scancel", "--signal=TERM", str(job_id)])
-    # The tasks checkpoint and exit 75; the batch script requeues the job (held until BeginTime).
-    slurm_cluster.wait_for_job(job_id, ["PENDING"], Restarts=1, timeout=180)
-    slurm_cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
-    info = slurm_cluster.wait_for_job(job_id, ["COMPLETED", "FAILED", "CANCELLED"], timeout=400)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), _logs(tmp_path)
-    log = _logs(tmp_path)
-    assert "preemption signal: stopped after step" in log and "resumed from" in log, log
+    # The ranks checkpoint and stop; the batch script requeues the job and exits 0. Slurm holds the job for
+    # cred_expire + 1 = 11 s (BeginTime), then runs it again: wait for that run before waiting for the end.
+    slurm_cluster.wait_for_restart(job_id, 1, log, timeout=300)
+    info = slurm_cluster.wait_for_job(job_id, TERMINAL_STATES, timeout=400)
+    text = _logs(tmp_path)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
+    assert marker_line in text and "this run exits 0" in text, text
+    assert "preemption signal: stopped after step" in text and "resumed from" in text, text
+    assert "preempted.json (preempted at step" in text, text  # the requeued run removed the marker
+    assert not (run_dir / "preempted.json").exists()
     result = final(run_dir)
     assert result["weights_digest"] == torchrun_reference["weights_digest"]
     assert result["loss"] == torchrun_reference["loss"]
