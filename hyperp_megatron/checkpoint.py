@@ -22,12 +22,15 @@ import json
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hyperp_megatron.resilience import PREEMPTION_SIGNALS
 
 MANIFEST = "manifest.json"
 STATE = "train_state.json"
@@ -176,12 +179,34 @@ def _check_finite_weights(model_chunks: list, step: int) -> None:
                                   "over ranks) are NaN or infinite; the previous checkpoint is kept")
 
 
+def _start_writer_helpers() -> None:
+    """Start the helper processes Megatron's checkpoint writer spawns once per process with the preemption
+    signals blocked, so that they inherit the blocked mask: the Manager behind
+    ``megatron.core.dist_checkpointing.strategies.filesystem_async._get_write_results_queue`` and
+    multiprocessing's resource tracker. SLURM signals every process of a step (``--signal``, ``scancel
+    --signal``), and a helper with the default action dies, taking the preemption checkpoint with it
+    (BrokenPipeError / EOFError in ``dist_checkpointing.save``). In this process a signal that arrives
+    meanwhile stays pending and reaches the preemption handler as soon as the mask is restored."""
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # (it ignores SIGTERM itself, and unblocks SIGTERM here on its way out)
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2) -> Path:
     """Save a complete checkpoint for ``state.step`` (collective: every rank calls it); refuses a state
     with non-finite weights (:class:`NonFiniteStateError`)."""
     from megatron.core import dist_checkpointing
 
     _check_finite_weights(model_chunks, state.step)
+    _start_writer_helpers()
     rank = dist.get_rank()
     final = root / f"step_{state.step:06d}"
     tmp = root / f"step_{state.step:06d}.tmp"

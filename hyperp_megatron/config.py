@@ -589,6 +589,9 @@ def validate(cfg: Config, world_size: int) -> None:
                              "(Megatron's MoE layer refuses to train without it)")
         if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
             raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
+        if m.moe.shared_expert and (m.ffn_size // m.moe.granularity) % p.tensor:
+            raise ValueError(f"shared expert FFN width (ffn / granularity = {m.ffn_size // m.moe.granularity}) is not "
+                             f"divisible by parallel.tensor ({p.tensor}): the shared expert is tensor-parallel")
     elif p.expert > 1:
         raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
     for prefix in cfg.data.prefixes:

@@ -195,8 +195,13 @@ def _check_before_model(cfg: Config, tokenizer, prefixes: list[str]) -> None:
     if not (c.resume or c.load):
         return
     found = ckpt.peek_resumable(Path(c.load) if c.load else Path(cfg.logging.run_dir) / "checkpoints")
-    # Verified only when it ends the run; otherwise maybe_resume verifies it (and falls back if damaged).
-    if found is not None and found[1] >= cfg.train.steps and ckpt.verify(found[0]) is None:
+    if found is None or found[1] < cfg.train.steps:
+        return
+    # Verified here only when it ends the run (else maybe_resume verifies it, and falls back if damaged):
+    # rank 0 hashes the files and tells every rank (world broadcast), so all stop or all go on.
+    intact = [ckpt.verify(found[0]) is None if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(intact, src=0)
+    if intact[0]:
         raise RunFinished(f"run already at step {found[1]} >= train.steps {cfg.train.steps}: nothing to do "
                           "(raise train.steps to continue)")
 
@@ -335,16 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         print("[hyperp] CUDA not available: running megatron-core on CPU with gloo "
               "(Transformer Engine/apex absent, local layers)", flush=True)
     init_process_group(env, cfg.parallel)
-    run_dir = Path(cfg.logging.run_dir)
     if env.rank == 0:
-        write_run_files(run_dir, cfg.to_dict(), run_info({"world_size": env.world_size, "launcher": env.launcher}))
-        _clear_preemption_marker(run_dir)
+        write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
+                        run_info({"world_size": env.world_size, "launcher": env.launcher}))
+        _clear_preemption_marker(Path(cfg.logging.run_dir))
     preemption = PreemptionFlag().install()
     try:
         result = train(cfg, env.world_size, env.rank, preemption)
         if result["preempted"]:
             if env.rank == 0:  # every rank has passed the checkpoint's last barrier: it is complete
-                _write_preemption_marker(run_dir, result["step"], preemption)
+                _write_preemption_marker(Path(cfg.logging.run_dir), result["step"], preemption)
             return EXIT_REQUEUE
     except RunFinished as exc:
         if env.rank == 0:

@@ -66,6 +66,9 @@ def test_list_override():
     (["--optim.adam_eps", "0"], 1, "optim.adam_eps must be > 0"),
     (["--train.eval_interval", "-1"], 1, "train.eval_interval must be >= 0"),
     (["--train.threads", "-1"], 1, "train.threads must be >= 0"),
+    (["--model.moe.sparsity", "2", "--model.moe.granularity", "2", "--model.moe.shared_expert", "true",
+      "--model.ffn_hidden_size", "6", "--parallel.tensor", "2", "--parallel.sequence_parallel", "true",
+      "--parallel.expert_tensor", "1"], 2, "shared expert FFN width (ffn / granularity = 3) is not divisible"),
 ])
 def test_bad_input_is_reported(overrides, world, message):
     with pytest.raises(ValueError, match=None) as info:

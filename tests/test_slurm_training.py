@@ -23,8 +23,10 @@ STEPS = 6
 VENV_BIN = Path(sys.executable).parent
 # One thread per process everywhere: the thread count changes sphere Muon's Newton-Schulz rounding (measured:
 # 2 threads vs 1 differ in the last bit of the step-6 loss), and per-task SLURM ranks get a node each.
+# checkpoint.interval 1: Megatron's checkpoint-writer helper processes exist when the preemption signal reaches
+# every process of the step (they must survive it, checkpoint._start_writer_helpers).
 LAYOUT = {"train": {"steps": STEPS, "threads": 1}, "parallel": {"tensor": 2},
-          "optim": {"name": "sphere_muon", "lr": 0.05}}
+          "optim": {"name": "sphere_muon", "lr": 0.05}, "checkpoint": {"interval": 1}}
 
 
 @pytest.fixture(scope="module")

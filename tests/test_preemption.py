@@ -1,6 +1,6 @@
-"""The preemption marker (hyperp_megatron/requeue.py) and its CLI, as launch/slurm_multinode.sbatch uses them.
-The batch script itself is tested on a real SLURM cluster: tests/test_launch.py (stand-in) and
-tests/test_slurm_training.py (the trainer)."""
+"""Preemption plumbing: the marker (hyperp_megatron/requeue.py) and its CLI as launch/slurm_multinode.sbatch
+uses them, and checkpoint-writer helper processes that survive the preemption signal. The batch scripts are
+tested on a real SLURM cluster: tests/test_launch.py (stand-in) and tests/test_slurm_training.py (the trainer)."""
 
 import json
 import os
@@ -61,3 +61,35 @@ def test_cli_as_the_batch_script_calls_it(tmp_path):
     assert _cli("check", str(tmp_path), env={**slurm, "SLURM_RESTART_COUNT": "2"}).returncode == 1
     assert _cli("check", str(tmp_path / "nothing-here"), env=slurm).returncode == 1
     assert _cli("bogus").returncode == 2
+
+
+HELPERS_SURVIVE = """
+import os, signal, time, psutil
+from hyperp_megatron import checkpoint
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+if {start_first}:
+    checkpoint._start_writer_helpers()
+queue = filesystem_async._get_write_results_queue()  # what dist_checkpointing.save uses
+helpers = psutil.Process().children(recursive=True)
+for helper in helpers:  # as SLURM signals every process of a step
+    os.kill(helper.pid, signal.SIGTERM)
+    os.kill(helper.pid, signal.SIGUSR1)
+time.sleep(1)
+queue.put("written")
+print(len(helpers), queue.get())
+"""
+
+
+def test_checkpoint_writer_helpers_survive_the_preemption_signal():
+    """Megatron's checkpoint writer spawns a Manager (its results queue) once per process. Started by
+    checkpoint.save, it ignores SIGTERM/SIGUSR1; started plainly (the control), the signal kills it."""
+    def run(start_first: bool):
+        return subprocess.run([sys.executable, "-c", HELPERS_SURVIVE.format(start_first=start_first)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    out = run(True)
+    assert out.returncode == 0 and out.stdout.split() == ["2", "written"], out.stderr[-3000:]  # tracker + manager
+    control = run(False)
+    assert control.returncode != 0 and "written" not in control.stdout, control.stdout  # the manager is gone
+    assert any(error in control.stderr for error in ("BrokenPipeError", "EOFError", "ConnectionRefusedError",
+                                                     "ConnectionResetError")), control.stderr[-3000:]
