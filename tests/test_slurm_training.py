@@ -11,7 +11,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ LAYOUT = {"train": {"steps": STEPS, "threads": 1}, "parallel": {"tensor": 2},
 @pytest.fixture(scope="module")
 def torchrun_reference(tmp_path_factory, embedded_corpus):
     tmp = tmp_path_factory.mktemp("ref")
-    code, out = finish(launch_torchrun(write_config(tmp, tmp / "ref", merge_into=LAYOUT)))
+    code, out = finish(launch_torchrun(write_config(tmp, tmp / "ref", merge_into=LAYOUT)), timeout=1200)
     assert code == 0, out[-3000:]
     return final(tmp / "ref")
 
@@ -56,12 +55,16 @@ def test_slurm_job_preempted_requeues_itself_and_resumes_to_identical_weights(
                                      sbatch_args=[f"--output={tmp_path}/%x-%j.out", "--nodes=2",
                                                   "--ntasks-per-node=1"])
     log = tmp_path / f"hyperp-{job_id}.out"
-    wait_for_step(run_dir, 2, timeout=300)
+    # Generous timeouts: on 2 cores shared with the rest of the suite a step can take a minute.
+    try:
+        wait_for_step(run_dir, 2, timeout=900)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {slurm_cluster.job_info(job_id)}\n{_logs(tmp_path)[-4000:]}") from None
     slurm_cluster.run(["scancel", "--signal=TERM", str(job_id)])
     # The ranks checkpoint and stop; the batch script requeues the job and exits 0. Slurm holds the job for
     # cred_expire + 1 = 11 s (BeginTime), then runs it again: wait for that run before waiting for the end.
-    slurm_cluster.wait_for_restart(job_id, 1, log, timeout=300)
-    info = slurm_cluster.wait_for_job(job_id, TERMINAL_STATES, timeout=400)
+    slurm_cluster.wait_for_restart(job_id, 1, log, timeout=900)
+    info = slurm_cluster.wait_for_job(job_id, TERMINAL_STATES, timeout=1200)
     text = _logs(tmp_path)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-6000:]
     for line in (marker_line, "this run exits 0", "preemption signal: stopped after step", "resumed from",
@@ -78,11 +81,9 @@ def test_mpiexec_matches_torchrun(tmp_path, torchrun_reference):
     config = write_config(tmp_path, run_dir, merge_into=LAYOUT)
     env = job_env(NUM_PROCS="2", MPIEXEC=str(VENV_BIN / "mpiexec"), PYTHON=sys.executable,
                   PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    started = time.time()
     out = subprocess.run(["launch/mpi.sh", "--config", str(config)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=400)
+                         text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     result = final(run_dir)
     assert result["losses"] == torchrun_reference["losses"]
     assert result["weights_digest"] == torchrun_reference["weights_digest"]
-    assert time.time() - started < 400
