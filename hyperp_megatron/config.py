@@ -169,7 +169,8 @@ class ParallelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.expert_tensor is not None and self.expert_tensor < 1:
-            raise ValueError(f"parallel.expert_tensor must be >= 1 (or unset for parallel.tensor), got {self.expert_tensor}")
+            raise ValueError(f"parallel.expert_tensor must be >= 1 (or unset for parallel.tensor), "
+                             f"got {self.expert_tensor}")
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tensor > 1")
 

@@ -79,7 +79,8 @@ def test_bad_input_is_reported(overrides, world, message):
 def test_vocab_size_below_the_tokenizer_is_reported():
     from hyperp_megatron.config import ConfigError, check_vocab_size
 
-    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary \(8192\)"):
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary "
+                                          r"\(8192\)"):
         check_vocab_size(load_config(None, ["--model.vocab_size", "100"]), 8192)
     check_vocab_size(load_config(None, ["--model.vocab_size", "8192"]), 8192)
     check_vocab_size(load_config(None, []), 8192)  # unset: the tokenizer's
