@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.slurm import TERMINAL_STATES, SlurmCluster, slurm_cluster  # noqa: F401 - fixture
+from cluster.slurm import TERMINAL_STATES, SlurmCluster, job_master_port, slurm_cluster  # noqa: F401 - fixture
 from trainer_utils import REPO, finish, final, job_env, launch_torchrun, wait_for_step, write_config
 
 STEPS = 6
@@ -24,7 +24,9 @@ VENV_BIN = Path(sys.executable).parent
 # 2 threads vs 1 differ in the last bit of the step-6 loss), and per-task SLURM ranks get a node each.
 # checkpoint.interval 1: Megatron's checkpoint-writer helper processes exist when the preemption signal reaches
 # every process of the step (they must survive it, checkpoint._start_writer_helpers).
-LAYOUT = {"train": {"steps": STEPS, "threads": 1}, "parallel": {"tensor": 2},
+# parallel.timeout_minutes 10: a rank that fails at start-up (the others wait for it in a collective) ends the
+# job within minutes, not the default 30.
+LAYOUT = {"train": {"steps": STEPS, "threads": 1}, "parallel": {"tensor": 2, "timeout_minutes": 10},
           "optim": {"name": "sphere_muon", "lr": 0.05}, "checkpoint": {"interval": 1}}
 
 
@@ -49,8 +51,10 @@ def test_slurm_job_preempted_requeues_itself_and_resumes_to_identical_weights(
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, run_dir, merge_into=LAYOUT)
     # multinode: NPROC_PER_NODE=1, the same 2-process world (and so the same weights) as the reference.
+    # MASTER_PORT: one free port for both runs of the job (derived from the job id, it would collide with any
+    # other test session's job 1 on this machine: "EADDRINUSE" at the restart, seen once under load).
     env = job_env(PYTHON=sys.executable, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                  NPROC_PER_NODE="1")
+                  NPROC_PER_NODE="1", MASTER_PORT=str(job_master_port()))
     job_id, _ = slurm_cluster.sbatch([script, "--config", str(config)], cwd=REPO, env=env,
                                      sbatch_args=[f"--output={tmp_path}/%x-%j.out", "--nodes=2",
                                                   "--ntasks-per-node=1"])

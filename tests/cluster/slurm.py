@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -94,6 +95,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def job_master_port(low: int = 22000, high: int = 32000) -> int:
+    """A free port for a job's MASTER_PORT that stays ours across its requeued runs: below Linux's ephemeral
+    range (so no outgoing connection takes it meanwhile) and random. The scripts' defaults derive it from the
+    job id, and every test cluster numbers its jobs from 1: two test sessions on one machine would collide."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 @dataclass(frozen=True)
