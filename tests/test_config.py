@@ -44,11 +44,47 @@ def test_list_override():
     (["--train.steps", "ten"], 1, "train.steps expects int"),
     (["--parallel.expert", "2"], 2, "parallel.expert > 1 needs an MoE model"),
     (["--checkpoint.load", "/nonexistent/ckpt"], 1, "checkpoint not found"),
+    # Values Megatron would take unchecked (a crash or a silent default after the model is built).
+    (["--model.num_query_groups", "8"], 1, "num_query_groups (8) must be <= model.num_attention_heads (4)"),
+    (["--model.head_dim", "15"], 1, "head dimension (15) must be even: RoPE"),
+    (["--model.hidden_size", "36", "--model.num_attention_heads", "4", "--model.num_query_groups", "1"], 1,
+     "head dimension (9) must be even"),
+    (["--model.head_dim", "0"], 1, "model.head_dim must be positive (or unset"),
+    (["--model.ffn_hidden_size", "-8"], 1, "model.ffn_hidden_size must be positive"),
+    (["--model.vocab_size", "0"], 1, "model.vocab_size must be positive"),
+    (["--model.rotary_base", "0"], 1, "model.rotary_base must be positive"),
+    (["--model.init_method_std", "-1"], 1, "model.init_method_std must be > 0"),
+    (["--parallel.expert_tensor", "0"], 1, "parallel.expert_tensor must be >= 1"),
+    (["--parallel.timeout_minutes", "0"], 1, "parallel.timeout_minutes must be >= 1"),
+    (["--data.split", "100,0,0"], 1, "leaves no train or no validation data"),
+    (["--data.split", "0,1,0"], 1, "leaves no train or no validation data"),
+    (["--data.prefixes", "[a, b]", "--data.tokenizer", "t", "--data.weights", "[1, 0]"], 1,
+     "data.weights must all be > 0"),
+    (["--data.embedded_vocab_size", "100"], 1, "data.embedded_vocab_size must be >= 257"),
+    (["--optim.adam_beta1", "1.5"], 1, "optim.adam_beta1 must be in [0, 1)"),
+    (["--optim.adam_beta2", "1"], 1, "optim.adam_beta2 must be in [0, 1)"),
+    (["--optim.momentum", "-0.1"], 1, "optim.momentum must be in [0, 1)"),
+    (["--optim.adam_eps", "0"], 1, "optim.adam_eps must be > 0"),
+    (["--train.eval_interval", "-1"], 1, "train.eval_interval must be >= 0"),
+    (["--train.threads", "-1"], 1, "train.threads must be >= 0"),
+    (["--model.moe.sparsity", "2", "--model.moe.granularity", "2", "--model.moe.shared_expert", "true",
+      "--model.ffn_hidden_size", "6", "--parallel.tensor", "2", "--parallel.sequence_parallel", "true",
+      "--parallel.expert_tensor", "1"], 2, "shared expert FFN width (ffn / granularity = 3) is not divisible"),
 ])
 def test_bad_input_is_reported(overrides, world, message):
     with pytest.raises(ValueError, match=None) as info:
         validate(load_config(None, overrides), world)
     assert message in str(info.value), str(info.value)
+
+
+def test_vocab_size_below_the_tokenizer_is_reported():
+    from hyperp_megatron.config import ConfigError, check_vocab_size
+
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary "
+                                          r"\(8192\)"):
+        check_vocab_size(load_config(None, ["--model.vocab_size", "100"]), 8192)
+    check_vocab_size(load_config(None, ["--model.vocab_size", "8192"]), 8192)
+    check_vocab_size(load_config(None, []), 8192)  # unset: the tokenizer's
 
 
 def test_missing_config_file():

@@ -149,6 +149,9 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, embedded_c
     (["--data.prefixes", "[/nonexistent/corpus]", "--data.tokenizer", REPO], "data file not found"),
     (["--checkpoint.load", "/nonexistent/ckpt"], "checkpoint not found"),
     (["--optim.nam", "adamw"], "did you mean 'optim.name'"),
+    # Checked once the data is prepared (the tokenizer is known), still before the model is built.
+    (["--model.vocab_size", "100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary (8192)"),
+    (["--data.split", "10000,1,0"], "gives the valid split 0 of the 2321 documents"),
 ])
 def test_bad_input_one_line_from_rank0(tmp_path, overrides, message):
     config = _cfg(tmp_path, tmp_path / "bad")
@@ -159,3 +162,20 @@ def test_bad_input_one_line_from_rank0(tmp_path, overrides, message):
     # No traceback from the training processes (torchrun's agent still reports the failed workers).
     assert "hyperp_megatron/" not in out and "[rank" not in out, out[-2000:]
     assert time.time() - started < 90  # before model construction
+
+
+def test_rerunning_a_finished_run_says_nothing_to_do(tmp_path):
+    run_dir = tmp_path / "done"
+    config = _cfg(tmp_path, run_dir, train={"steps": 2})
+    code, out = finish(launch_torchrun(config))
+    assert code == 0, out[-3000:]
+    digest = final(run_dir)["weights_digest"]
+    for steps in ("2", "1"):  # the same run again; train.steps below the checkpoint's step
+        started = time.time()
+        code, out = finish(launch_torchrun(config, "--train.steps", steps), timeout=120)
+        assert code == 0, out[-3000:]
+        assert out.count(f"run already at step 2 >= train.steps {steps}: nothing to do "
+                         "(raise train.steps to continue)") == 1, out[-3000:]  # rank 0 only
+        assert "Traceback" not in out and "resumed from" not in out, out[-3000:]  # stopped before the model
+        assert time.time() - started < 90
+    assert final(run_dir)["weights_digest"] == digest  # untouched
