@@ -1,4 +1,5 @@
-"""``python -m hyperp_megatron.convert export|import|verify``: checkpoints to and from Hugging Face.
+"""``hyperp-convert export|import|verify`` (or ``python -m hyperp_megatron.convert``): checkpoints to and from
+Hugging Face.
 
     export --checkpoint RUN_DIR_OR_CKPT --output HF_DIR [--target auto|qwen3|llama|qwen3_next|hyperp]
            [--dtype fp32|bf16] [--tokenizer DIR] [--max-shard-gb 5] [--overwrite]
@@ -20,7 +21,7 @@ import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hyperp_megatron.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hyperp-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="our checkpoint -> Hugging Face directory")
