@@ -4,16 +4,20 @@ Usage (from the repository root)::
 
     python bench/test_suite.py                     # the whole suite (what .ci/run runs after setup)
     python bench/test_suite.py tests/test_moe.py --out /tmp/moe.json
+    python bench/test_suite.py -m "not system" --out bench/results/test_suite_not_system.json   # the quick tiers
 
 Runs ``pytest -q`` with a JUnit XML report and records: the command, the wall time, the counts of
 passed / failed / skipped tests, the time spent in each test file (tests plus their fixtures), the
-slowest tests, and the machine's load while it ran. The suite must pass for the file to be written.
+slowest tests, the machine's load while it ran, and the CPU time of pytest and the processes it waited for
+(user + system: on a shared machine the wall time is inflated, the CPU time much less). The suite must pass for the file to be written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,6 +32,7 @@ from common import REPO, LoadSampler, provenance  # bench/common.py (the script'
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="*", default=["tests"])
+    parser.add_argument("-m", dest="markers", default=None, help='pytest -m expression (tiers: "not system")')
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "test_suite.json"))
     return parser.parse_args(argv)
 
@@ -38,11 +43,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                   *args.paths]
+                   *(["-m", args.markers] if args.markers else []), *args.paths]
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         with LoadSampler(period=30.0) as load:
             code = subprocess.run(command, cwd=REPO).returncode
         wall = time.perf_counter() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         cases = ET.parse(junit).getroot().iter("testcase")
         per_file, outcomes, tests = defaultdict(float), defaultdict(int), []
         for case in cases:
@@ -56,8 +64,10 @@ def main(argv=None) -> int:
         print(f"error: the suite failed (exit status {code}, {dict(outcomes)}); {args.out} not written",
               file=sys.stderr)
         return 1
-    report = provenance("python bench/test_suite.py " + " ".join(argv))
-    report.update(pytest_command="pytest -q " + " ".join(args.paths), wall_s=round(wall, 1),
+    report = provenance("python bench/test_suite.py " + " ".join(map(shlex.quote, argv)))
+    markers = f"-m {shlex.quote(args.markers)} " if args.markers else ""
+    report.update(pytest_command=f"pytest -q {markers}" + " ".join(args.paths), wall_s=round(wall, 1),
+                  cpu_s=round(cpu, 1),
                   outcomes=dict(outcomes), load=load.summary(),
                   seconds_per_file={k: round(v, 1) for k, v in sorted(per_file.items(), key=lambda kv: -kv[1])},
                   slowest_tests=[{"test": name, "seconds": round(seconds, 1)}
@@ -65,7 +75,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{dict(outcomes)} in {wall:.0f} s; wrote {out}")
+    print(f"{dict(outcomes)} in {wall:.0f} s ({cpu:.0f} s CPU); wrote {out}")
     return 0
 
 
