@@ -256,7 +256,7 @@ def test_round_trip_gives_our_weights_back(world, exported, name, tmp_path):
 def test_exported_tokenizer_encodes_like_the_trainer(exported, embedded_corpus):
     from transformers import AutoTokenizer
 
-    from hyperp_megatron.data import load_tokenizer
+    from hyperp_megatron.data.tokenizer import load_tokenizer
 
     ours_tok = load_tokenizer(embedded_corpus.tokenizer_dir)
     hf_tok = AutoTokenizer.from_pretrained(str(exported["hyperp_dense"]["hf"]), local_files_only=True)

@@ -31,7 +31,7 @@ def find_tokenizer(source: ours.Source, tokenizer: str | Path | None) -> Path:
         if not (path / "tokenizer.json").is_file():
             raise ValueError(f"--tokenizer {path} has no tokenizer.json (a Hugging Face fast tokenizer directory)")
         return path
-    from hyperp_megatron.data import embedded_corpus_dir
+    from hyperp_megatron.data.corpus import embedded_corpus_dir  # imports megatron-core: only when needed
 
     data = source.cfg.data
     candidates = [Path(data.tokenizer)] if data.tokenizer else []
