@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
-from hyperp_megatron.config import Config, data_parallel_size, load_config, validate
+from hyperp_megatron.config import Config, load_config, validate
+from hyperp_megatron.data.tokenizer import load_tokenizer
+from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, write_derived
 from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
-from hyperp_megatron.transfer import derive, lr_at
 
 EXIT_NON_FINITE = 3
 """Exit status when training stops on non-finite values (consecutive skipped steps, or a refused checkpoint)."""
@@ -45,35 +46,25 @@ class Session:
     optimizer: object
     runner: object
     tokenizer: object
-    datasets: object  # data.DatasetSplits
+    datasets: object  # data.datasets.DatasetSplits
     logger: MetricsLogger
-    peak_lr: float
-    derived: dict
-
-
-def _dp_coords(pg_collection) -> tuple[int, int]:
-    return pg_collection.dp.rank(), pg_collection.dp.size()
+    derived: DerivedRun
+    """Every derived value (``derived.derive``, once): steps, LR schedule, weight decay, logit multiplier."""
+    ignored_settings: list[str]
+    """One line per setting without effect in this run (logged as warnings, in ``derived.json``)."""
 
 
 def _prepare_data(cfg: Config, rank: int):
     """Tokenizer and dataset prefixes: the embedded corpus (prepared by rank 0) or the configured ones."""
-    from hyperp_megatron import data as data_lib
+    from hyperp_megatron.data.corpus import load_embedded_corpus, prepare_embedded_corpus
 
     if cfg.data.prefixes:
-        return data_lib.load_tokenizer(cfg.data.tokenizer), cfg.data.prefixes
+        return load_tokenizer(cfg.data.tokenizer), cfg.data.prefixes
     if rank == 0:
-        data_lib.prepare_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+        prepare_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
     dist.barrier()
-    corpus = data_lib.load_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
-    return data_lib.load_tokenizer(corpus.tokenizer_dir), [str(corpus.data_prefix)]
-
-
-def _derived_values(cfg: Config, world_size: int, vocab_size: int) -> tuple[float, dict]:
-    """Peak LR and every derived value (HyperP transfer rules when ``hyperp.enabled``); under the
-    default token budget this also sets ``train.steps``."""
-    derived = derive(cfg, world_size, vocab_size=vocab_size)
-    cfg.train.steps = derived.steps
-    return derived.lr, derived.to_dict()
+    corpus = load_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+    return load_tokenizer(corpus.tokenizer_dir), [str(corpus.data_prefix)]
 
 
 def configure_numerics(cfg: Config, device: torch.device) -> None:
@@ -94,8 +85,8 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    from hyperp_megatron import data as data_lib
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.data.datasets import build_datasets, num_samples_per_split
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.builder import build_optimizer
     from hyperp_megatron.parallel import init_model_parallel, process_group_device
     from hyperp_megatron.step import StepRunner
@@ -110,8 +101,12 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-    peak_lr, derived = _derived_values(cfg, world_size, vocab_size)
-    chunks = build_model(cfg, pg_collection, vocab_size, device)
+    derived = derive(cfg, world_size, vocab_size=vocab_size)
+    ignored = ignored_settings(cfg, derived)
+    run_dir = Path(cfg.logging.run_dir)
+    if rank == 0:
+        write_derived(run_dir, derived, ignored)
+    chunks = build_model(cfg, pg_collection, vocab_size, device, logit_multiplier=derived.output_logit_multiplier)
     tf_config = chunks[0].config
     if cfg.train.precision == "bf16":
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
@@ -123,47 +118,42 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
               for chunk in chunks]
     tf_config.no_sync_func = chunks[0].no_sync
     tf_config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(cfg, chunks, pg_collection, peak_lr=peak_lr)
-
-    dp_size = data_parallel_size(cfg, world_size)
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    optimizer = build_optimizer(cfg, chunks, pg_collection, derived)
     runner = StepRunner(chunks, optimizer, pg_collection, cfg.model.seq_length, cfg.train.micro_batch_size,
-                        num_micro, device)
-    samples = data_lib.num_samples_per_split(cfg.train.steps, cfg.train.global_batch_size, 0, cfg.train.eval_iters)
-    datasets = data_lib.build_datasets(
+                        derived.num_micro_batches, device)
+    samples = num_samples_per_split(derived.steps, cfg.train.global_batch_size, 0, cfg.train.eval_iters)
+    datasets = build_datasets(
         prefixes, tokenizer, seq_length=cfg.model.seq_length, seed=cfg.train.seed, num_samples=samples,
         cache_dir=Path(cfg.data.cache_dir) / "index_cache", split=cfg.data.split,
         weights=cfg.data.weights or None,
     )
-    run_dir = Path(cfg.logging.run_dir)
-    logger = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+    logger = MetricsLogger(run_dir, derived.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress)
-    return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, peak_lr,
-                   derived)
+    return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, derived,
+                   ignored)
+
+
+def _data_iterator(s: Session, dataset, consumed_samples: int):
+    """Micro-batches of ``dataset`` for this data-parallel rank (pinned for a GPU)."""
+    from hyperp_megatron.data.datasets import build_data_iterator
+
+    return build_data_iterator(dataset, consumed_samples=consumed_samples, micro_batch_size=s.cfg.train.micro_batch_size,
+                               dp_rank=s.pg_collection.dp.rank(), dp_size=s.pg_collection.dp.size(),
+                               pin_memory=s.device.type == "cuda")
 
 
 def _train_iterator(s: Session, consumed_samples: int):
-    from hyperp_megatron import data as data_lib
-
-    dp_rank, dp_size = _dp_coords(s.pg_collection)
-    return data_lib.build_data_iterator(s.datasets.train, consumed_samples=consumed_samples,
-                                        micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                        dp_size=dp_size, pin_memory=s.device.type == "cuda")
+    return _data_iterator(s, s.datasets.train, consumed_samples)
 
 
 def evaluate(s: Session) -> float:
     """Validation loss on a fixed set: the first ``eval_iters`` global batches of the valid split."""
-    from hyperp_megatron import data as data_lib
-
-    dp_rank, dp_size = _dp_coords(s.pg_collection)
-    iterator = data_lib.build_data_iterator(s.datasets.valid, consumed_samples=0,
-                                            micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                            dp_size=dp_size, pin_memory=s.device.type == "cuda")
+    iterator = _data_iterator(s, s.datasets.valid, 0)
     return s.runner.evaluate(iterator, s.cfg.train.eval_iters * s.runner.num_microbatches)
 
 
 def _checkpoint_extra(s: Session) -> dict:
-    return {"config": s.cfg.to_dict(), "derived": s.derived, **run_info()}
+    return {"config": s.cfg.to_dict(), "derived": s.derived.to_dict(), **run_info()}
 
 
 def _rng_key(s: Session) -> dict:
@@ -172,12 +162,12 @@ def _rng_key(s: Session) -> dict:
     return layout_key(s.pg_collection, s.device)
 
 
-def _summary(derived: dict) -> str:
-    """One start-up line of the derived values (all of them are in run_info.json and checkpoints)."""
-    return (f"[hyperp] rules {derived['rules']} | N {derived['num_params'] / 1e6:.2f}M | "
-            f"tokens {derived['tokens']:.3g} in {derived['steps']} steps of {derived['batch_tokens']} | "
-            f"lr {derived['lr']:.4g} (depth x{derived['depth_factor']:.3g}, token x{derived['token_factor']:.3g}, "
-            f"batch x{derived['batch_factor']:.3g}) | train FLOPs {derived['train_flops']:.3g}")
+def _summary(d: DerivedRun) -> str:
+    """One start-up line of the derived values (all of them are in derived.json and checkpoints)."""
+    return (f"[hyperp] rules {d.rules} | N {d.num_params / 1e6:.2f}M | "
+            f"tokens {d.tokens:.3g} in {d.steps} steps of {d.batch_tokens} | "
+            f"lr {d.lr:.4g} (depth x{d.depth_factor:.3g}, token x{d.token_factor:.3g}, "
+            f"batch x{d.batch_factor:.3g}) | train FLOPs {d.train_flops:.3g}")
 
 
 def maybe_resume(s: Session) -> ckpt.TrainState:
@@ -198,7 +188,7 @@ def maybe_resume(s: Session) -> ckpt.TrainState:
 
 def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
           device: torch.device | None = None) -> dict:
-    """Train for ``cfg.train.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
+    """Train for the run's ``derived.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
     metrics (on every rank).
 
     With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
@@ -207,8 +197,10 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     from hyperp_megatron.optim.builder import set_learning_rate
 
     s = setup(cfg, world_size, rank, device)
-    t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
+    t, steps, ckpt_root = cfg.train, s.derived.steps, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
+    for line in s.ignored_settings:
+        s.logger.message(f"[hyperp] warning: {line}")
     state = maybe_resume(s)
     data_iterator = _train_iterator(s, state.consumed_samples)
     s.logger.start(state.step)
@@ -218,8 +210,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         s.logger.log(0, {"val_loss": result["first_val_loss"]})
     monitor = StabilityMonitor(cfg.monitor, cfg.model, s.model_chunks, s.optimizer, s.pg_collection)
     skips = SkipCounter(cfg.monitor.max_consecutive_skips)
-    while state.step < t.steps:
-        lr = lr_at(state.step, t.steps, s.peak_lr, cfg.optim.min_lr_ratio, cfg.optim.warmup_steps)
+    while state.step < steps:
+        lr = s.derived.lr_at(state.step)
         set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
         metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
@@ -235,7 +227,7 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         skipped = metrics.pop("skipped")
         state.skipped_steps += int(skipped)
         metrics["skipped_steps"] = state.skipped_steps
-        is_last = state.step == t.steps
+        is_last = state.step == steps
         if (t.eval_interval and state.step % t.eval_interval == 0) or is_last:
             metrics["val_loss"] = result["val_loss"] = evaluate(s)
         s.logger.log(state.step, metrics)

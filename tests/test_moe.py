@@ -238,14 +238,9 @@ MOE_MODEL = {"ffn_hidden_size": 192,  # s = 3, k = 3 with a shared expert: 8 rou
              "attention_backend": "megatron_local"}
 
 
-def optimizer() -> dict:
-    """Sphere Muon (every expert its own sphere) once integrated in the trainer, AdamW until then. The
-    sphere step is an angle: 0.1 rad per step moves the weights enough in 4 steps."""
-    import importlib.util
-
-    if importlib.util.find_spec("hyperp_megatron.optim.sphere_builder"):
-        return {"name": "sphere_muon", "lr": 0.1}
-    return {"name": "adamw", "lr": 1e-2}
+OPTIMIZER = {"name": "sphere_muon", "lr": 0.1}
+"""Sphere Muon (every expert its own sphere). The sphere step is an angle: 0.1 rad per step moves the weights
+enough in 4 steps."""
 
 
 def run_moe(tmp_path, name, world_size, parallel, micro_batch_size, dispatcher="alltoall", grouped_gemm="auto"):
@@ -253,7 +248,7 @@ def run_moe(tmp_path, name, world_size, parallel, micro_batch_size, dispatcher="
     run_distributed(train_worker, world_size, {
         "model": merge(MOE_MODEL, {"moe": {"token_dispatcher": dispatcher, "grouped_gemm": grouped_gemm}}),
         "parallel": parallel,
-        "optim": optimizer(),
+        "optim": OPTIMIZER,
         "train": {"steps": STEPS, "micro_batch_size": micro_batch_size, "global_batch_size": 8},
         "logging": {"run_dir": str(run_dir)},
     })

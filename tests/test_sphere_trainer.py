@@ -133,7 +133,7 @@ def _group_checks() -> dict:
     import torch
 
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.param_groups import assign_parameters, layout_for
     from hyperp_megatron.optim.sphere_builder import build_sphere_optimizer
     from hyperp_megatron.parallel import init_model_parallel

@@ -50,10 +50,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def flops_per_step(run_dir: Path, vocab_size: int | None) -> float:
-    """Training FLOPs of one optimizer step of the run (``transfer.derive``: F/token x B)."""
+    """Training FLOPs of one optimizer step of the run (F/token x B): from its ``derived.json``, else derived
+    from its config (``derived.derive``; runs written before derived.json existed)."""
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.transfer import derive
+    from hyperp_megatron.derived import derive, read_derived
 
+    recorded = read_derived(run_dir)
+    if recorded is not None and vocab_size is None:
+        return recorded["flops_per_token"] * recorded["batch_tokens"]
     config, info = run_dir / "config.yaml", run_dir / "run_info.json"
     if not config.is_file():
         raise ValueError(f"{config} not found: the FLOPs axis needs the run's resolved config")
