@@ -35,7 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 warnings.filterwarnings("ignore")
+
+from common import LoadSampler, git_sha  # noqa: E402
 
 INTERVAL = 10
 
@@ -119,10 +122,11 @@ def main(argv=None) -> int:
         session.runner.train_step(iterator)
     blocks: dict[str, list[list[float]]] = {"off": [], "on": []}
     load_before = os.getloadavg()
-    for pair in range(args.pairs):
-        order = ("off", "on") if pair % 2 == 0 else ("on", "off")  # ABBA: drifts cancel
-        for arm in order:
-            blocks[arm].append(timed_block(session, iterator, monitor if arm == "on" else None))
+    with LoadSampler() as load:
+        for pair in range(args.pairs):
+            order = ("off", "on") if pair % 2 == 0 else ("on", "off")  # ABBA: drifts cancel
+            for arm in order:
+                blocks[arm].append(timed_block(session, iterator, monitor if arm == "on" else None))
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     summary = summarize(blocks, tokens_per_step)
     if env.rank == 0:
@@ -131,8 +135,12 @@ def main(argv=None) -> int:
                        + "bench/monitor_overhead.py " + " ".join(sys.argv[1:]),
             "config": args.config, "overrides": overrides, "world_size": env.world_size, "interval": INTERVAL,
             "pairs": args.pairs, "tokens_per_step": tokens_per_step, "monitor": vars(cfg.monitor),
+            "git_sha": git_sha(),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": _threads(),
                         "load_average_before": load_before, "load_average_after": os.getloadavg()},
+            "load": load.summary(),
+            "direct_measurements": ["overhead_pct (summed block times)", "overhead_pct_median_pairs"],
+            "estimates": ["overhead_pct_from_step_cost", "overhead_pct_within_blocks"],
             "summary": summary, "block_seconds": blocks,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron.model.params import unwrap
+from hyperp_megatron.resilience import PREEMPTION_SIGNALS
 
 MANIFEST = "manifest.json"
 STATE = "train_state.json"
@@ -141,6 +143,23 @@ def capture_rng_state(device: torch.device) -> dict:
     }
 
 
+def peek_resumable(root: Path) -> tuple[Path, int] | None:
+    """The checkpoint a resume from ``root`` tries first (``root`` itself if it is one, else the one named in
+    ``latest``, else the newest complete one) and its step, read without verifying its files."""
+    if (root / MANIFEST).is_file():
+        candidate = root
+    elif (root / LATEST).is_file():
+        candidate = root / (root / LATEST).read_text().strip()
+    else:
+        candidate = next(iter(complete_checkpoints(root)), None)
+    if candidate is None:
+        return None
+    try:
+        return candidate, int(json.loads((candidate / STATE).read_text())["train_state"]["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def restore_rng_state(state: dict, device: torch.device) -> None:
     """Set every stream :func:`capture_rng_state` captured (same device type)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -207,6 +226,27 @@ def _model_device(model_chunks: list) -> torch.device:
     return next(p.device for chunk in model_chunks for p in chunk.parameters())
 
 
+def _start_writer_helpers() -> None:
+    """Start the helper processes Megatron's checkpoint writer spawns once per process with the preemption
+    signals blocked, so that they inherit the blocked mask: the Manager behind
+    ``megatron.core.dist_checkpointing.strategies.filesystem_async._get_write_results_queue`` and
+    multiprocessing's resource tracker. SLURM signals every process of a step (``--signal``, ``scancel
+    --signal``), and a helper with the default action dies, taking the preemption checkpoint with it
+    (BrokenPipeError / EOFError in ``dist_checkpointing.save``). In this process a signal that arrives
+    meanwhile stays pending and reaches the preemption handler as soon as the mask is restored."""
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # (it ignores SIGTERM itself, and unblocks SIGTERM here on its way out)
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2, *,
          rng_key: dict | None = None) -> Path:
     """Save a complete checkpoint for ``state.step`` (collective: every rank calls it); refuses a state
@@ -216,6 +256,7 @@ def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: di
 
     device = _model_device(model_chunks)
     _check_finite_weights(model_chunks, state.step, device)
+    _start_writer_helpers()
     rank = dist.get_rank()
     final = root / f"step_{state.step:06d}"
     tmp = root / f"step_{state.step:06d}.tmp"

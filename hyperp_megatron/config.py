@@ -119,9 +119,18 @@ class ModelConfig:
     def __post_init__(self):
         _check_choice("model.parameterization", self.parameterization, ("hyperp", "muon", "standard"))
         _check_choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
+                     "rotary_base"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("head_dim", "ffn_hidden_size", "vocab_size"):  # None = derived; 0 would silently be too
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive (or unset for the default), got {getattr(self, name)}")
+        if not self.init_method_std > 0:
+            raise ValueError(f"model.init_method_std must be > 0, got {self.init_method_std}")
+        if self.num_query_groups > self.num_attention_heads:
+            raise ValueError(f"model.num_query_groups ({self.num_query_groups}) must be <= model.num_attention_heads "
+                             f"({self.num_attention_heads}): each key/value head serves one or more query heads")
         if not self.norm_epsilon > 0:
             raise ValueError(f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
         if self.num_attention_heads % self.num_query_groups:
@@ -134,6 +143,9 @@ class ModelConfig:
                 f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_attention_heads "
                 f"({self.num_attention_heads}): set model.head_dim explicitly"
             )
+        if self.kv_channels % 2:
+            raise ValueError(f"the head dimension ({self.kv_channels}) must be even: RoPE rotates pairs of channels "
+                             "(set model.head_dim, or hidden_size / num_attention_heads, to an even number)")
 
     @property
     def hyperp_architecture(self) -> bool:
@@ -172,9 +184,12 @@ class ParallelConfig:
 
     def __post_init__(self):
         _check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
-        for name in ("tensor", "pipeline", "expert"):
+        for name in ("tensor", "pipeline", "expert", "timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_tensor is not None and self.expert_tensor < 1:
+            raise ValueError(f"parallel.expert_tensor must be >= 1 (or unset for parallel.tensor), "
+                             f"got {self.expert_tensor}")
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tensor > 1")
 
@@ -207,9 +222,17 @@ class DataConfig:
             )
         if self.prefixes and not self.tokenizer:
             raise ValueError("data.prefixes is set but data.tokenizer is missing: give the tokenizer directory")
+        if any(not w > 0 for w in self.weights):
+            raise ValueError(f"data.weights must all be > 0, got {self.weights}")
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ValueError(f"data.split must be three comma-separated numbers like '969,30,1', got {self.split!r}")
+        if not float(parts[0]) > 0 or not float(parts[1]) > 0:
+            raise ValueError(f"data.split {self.split!r} leaves no train or no validation data (the trainer validates "
+                             "at least at the end): give both a weight, like '969,30,1'")
+        if self.embedded_vocab_size < 257:
+            raise ValueError(f"data.embedded_vocab_size must be >= 257 (256 bytes + end of document), "
+                             f"got {self.embedded_vocab_size}")
 
 
 @dataclass
@@ -256,6 +279,11 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
             raise ValueError("optim.warmup_steps, optim.clip_grad and optim.weight_decay must be >= 0")
+        for name in ("adam_beta1", "adam_beta2", "momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
 
 
 @dataclass
@@ -308,6 +336,9 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -619,6 +650,9 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if cfg.optim.expert_sphere == "per_layer" and p.distributed_optimizer and cfg.optim.name == "sphere_muon":
             raise ValueError("optim.expert_sphere per_layer does not work with parallel.distributed_optimizer "
                              "(layer-wise updates split a layer's experts over ranks): use per_expert or turn it off")
+        if m.moe.shared_expert and (m.ffn_size // m.moe.granularity) % p.tensor:
+            raise ValueError(f"shared expert FFN width (ffn / granularity = {m.ffn_size // m.moe.granularity}) is not "
+                             f"divisible by parallel.tensor ({p.tensor}): the shared expert is tensor-parallel")
     elif p.expert > 1:
         raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
 
@@ -633,6 +667,18 @@ def check_paths(cfg: Config) -> None:
         raise ValueError(f"tokenizer directory not found: {cfg.data.tokenizer} (check data.tokenizer)")
     if cfg.checkpoint.load and not Path(cfg.checkpoint.load).exists():
         raise ValueError(f"checkpoint not found: {cfg.checkpoint.load} (check checkpoint.load)")
+
+
+class ConfigError(ValueError):
+    """A config value that can only be checked once the data is prepared (the tokenizer is known), still
+    before any model is built: the entry point reports it as one line."""
+
+
+def check_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> None:
+    """``model.vocab_size`` (when set) must hold every token id of the tokenizer."""
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer_vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer_vocab_size}): raise it or leave it unset to use the tokenizer's")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -22,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
-from hyperp_megatron.config import Config, load_config, validate
+from hyperp_megatron import requeue
+from hyperp_megatron.config import Config, ConfigError, check_vocab_size, load_config, validate
 from hyperp_megatron.data.tokenizer import load_tokenizer
 from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, write_derived
 from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
@@ -102,6 +104,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     derived = derive(cfg, world_size, vocab_size=vocab_size)
+    _check_before_model(cfg, derived, tokenizer, prefixes)
     ignored = ignored_settings(cfg, derived)
     run_dir = Path(cfg.logging.run_dir)
     if rank == 0:
@@ -184,6 +187,36 @@ def maybe_resume(s: Session) -> ckpt.TrainState:
     state, _ = ckpt.load(found, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
     s.logger.message(f"[hyperp] resumed from {found} at step {state.step}")
     return state
+
+
+class RunFinished(Exception):
+    """The run's checkpoint is already at (or past) ``train.steps``: nothing to train."""
+
+
+def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str]) -> None:
+    """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
+    bad value, RunFinished when resuming would leave no step to train (``derived.steps``)."""
+    from hyperp_megatron.data.datasets import check_split_documents
+
+    check_vocab_size(cfg, tokenizer.vocab_size)
+    for prefix in prefixes:
+        try:
+            check_split_documents(prefix, cfg.data.split)
+        except ValueError as exc:
+            raise ConfigError(f"data.split: {exc}") from None
+    c = cfg.checkpoint
+    if not (c.resume or c.load):
+        return
+    found = ckpt.peek_resumable(Path(c.load) if c.load else Path(cfg.logging.run_dir) / "checkpoints")
+    if found is None or found[1] < derived.steps:
+        return
+    # Verified here only when it ends the run (else maybe_resume verifies it, and falls back if damaged):
+    # rank 0 hashes the files and tells every rank (world broadcast), so all stop or all go on.
+    intact = [ckpt.verify(found[0]) is None if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(intact, src=0)
+    if intact[0]:
+        raise RunFinished(f"run already at step {found[1]} >= the run's {derived.steps} steps: nothing to do "
+                          "(raise train.steps to continue)")
 
 
 def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
@@ -290,6 +323,22 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, rest
 
 
+def _write_preemption_marker(run_dir: Path, step: int, preemption: PreemptionFlag) -> None:
+    """``run_dir/preempted.json``: launchers that cannot see the exit status (torchrun) requeue on it."""
+    latest = run_dir / "checkpoints" / ckpt.LATEST
+    signal_name = signal.Signals(preemption.signum).name if preemption.signum else None
+    path = requeue.write_marker(run_dir, step, latest.read_text().strip(), signal_name,
+                                requeue.slurm_run_id(os.environ))
+    print(f"[hyperp] wrote {path} (step {step})", flush=True)
+
+
+def _clear_preemption_marker(run_dir: Path) -> None:
+    marker = requeue.clear_marker(run_dir)
+    if marker is not None:
+        print(f"[hyperp] removed {requeue.marker_path(run_dir)} (preempted at step {marker.get('step')})",
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Validate everything first (one-line errors on rank 0 only), then train."""
     from hyperp_megatron.parallel import decide_device, destroy, discover_launch_env, init_process_group
@@ -321,11 +370,22 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
                         run_info({"world_size": env.world_size, "launcher": env.launcher}))
+        _clear_preemption_marker(Path(cfg.logging.run_dir))
     preemption = PreemptionFlag().install()
     try:
         result = train(cfg, env.world_size, env.rank, preemption, device)
         if result["preempted"]:
+            if env.rank == 0:  # every rank has passed the checkpoint's last barrier: it is complete
+                _write_preemption_marker(Path(cfg.logging.run_dir), result["step"], preemption)
             return EXIT_REQUEUE
+    except RunFinished as exc:
+        if env.rank == 0:
+            print(f"[hyperp] {exc}", flush=True)
+        return 0
+    except ConfigError as exc:  # checks that need the tokenizer (known after data preparation)
+        if env.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (NonFiniteTrainingError, ckpt.NonFiniteStateError) as exc:
         if env.rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

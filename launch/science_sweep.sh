@@ -3,7 +3,10 @@
 # sweeps/science.yaml, JOBS training processes at a time, niced, results and log outside the
 # checkout. Finished runs are never redone, so after a reboot or a kill the same command continues.
 #
-# Usage (from a checkout, ideally a frozen one: git worktree add --detach DIR COMMIT):
+# Usage: launch/science_sweep.sh [start|status|stop|report]   (default: start)
+#   Run it from a checkout, ideally a frozen one: git worktree add --detach DIR COMMIT
+#
+# Examples:
 #   launch/science_sweep.sh            # start or resume; prints the PID and where the log goes
 #   launch/science_sweep.sh status     # runs finished / pending, and whether the sweep is running
 #   launch/science_sweep.sh stop       # stop it (running runs are redone on resume)

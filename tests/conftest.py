@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -37,3 +38,24 @@ def pg_collection():
     parallel_state.destroy_model_parallel()
     if started:
         dist.destroy_process_group()
+
+
+MEASURED_OUT = "HYPERP_MEASURED_OUT"
+"""Environment variable: a JSON file to write the numbers recorded through ``measured`` into (set by
+``bench/parity.py``; unset, the numbers are only asserted)."""
+
+
+@pytest.fixture(scope="session")
+def measured():
+    """``measured(section, name, value)``: record a measured number (a parity maximum, a control's
+    error) next to the assertion on it; written to ``$HYPERP_MEASURED_OUT`` at the end of the session."""
+    records: dict[str, dict] = {}
+
+    def record(section: str, name: str, value) -> None:
+        records.setdefault(section, {})[name] = value
+
+    yield record
+    path = os.environ.get(MEASURED_OUT)
+    if path and records:
+        with open(path, "w") as handle:
+            json.dump(records, handle, indent=1, sort_keys=True)

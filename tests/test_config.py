@@ -1,6 +1,7 @@
 """Config loading and validation: each bad input gives a clear error before any heavy work."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,32 @@ def test_list_override():
     (["--train.steps", "ten"], 1, "train.steps expects int"),
     (["--parallel.expert", "2"], 2, "parallel.expert > 1 needs an MoE model"),
     (["--checkpoint.load", "/nonexistent/ckpt"], 1, "checkpoint not found"),
+    # Values Megatron would take unchecked (a crash or a silent default after the model is built).
+    (["--model.num_query_groups", "8"], 1, "num_query_groups (8) must be <= model.num_attention_heads (4)"),
+    (["--model.head_dim", "15"], 1, "head dimension (15) must be even: RoPE"),
+    (["--model.hidden_size", "36", "--model.num_attention_heads", "4", "--model.num_query_groups", "1"], 1,
+     "head dimension (9) must be even"),
+    (["--model.head_dim", "0"], 1, "model.head_dim must be positive (or unset"),
+    (["--model.ffn_hidden_size", "-8"], 1, "model.ffn_hidden_size must be positive"),
+    (["--model.vocab_size", "0"], 1, "model.vocab_size must be positive"),
+    (["--model.rotary_base", "0"], 1, "model.rotary_base must be positive"),
+    (["--model.init_method_std", "-1"], 1, "model.init_method_std must be > 0"),
+    (["--parallel.expert_tensor", "0"], 1, "parallel.expert_tensor must be >= 1"),
+    (["--parallel.timeout_minutes", "0"], 1, "parallel.timeout_minutes must be >= 1"),
+    (["--data.split", "100,0,0"], 1, "leaves no train or no validation data"),
+    (["--data.split", "0,1,0"], 1, "leaves no train or no validation data"),
+    (["--data.prefixes", "[a, b]", "--data.tokenizer", "t", "--data.weights", "[1, 0]"], 1,
+     "data.weights must all be > 0"),
+    (["--data.embedded_vocab_size", "100"], 1, "data.embedded_vocab_size must be >= 257"),
+    (["--optim.adam_beta1", "1.5"], 1, "optim.adam_beta1 must be in [0, 1)"),
+    (["--optim.adam_beta2", "1"], 1, "optim.adam_beta2 must be in [0, 1)"),
+    (["--optim.momentum", "-0.1"], 1, "optim.momentum must be in [0, 1)"),
+    (["--optim.adam_eps", "0"], 1, "optim.adam_eps must be > 0"),
+    (["--train.eval_interval", "-1"], 1, "train.eval_interval must be >= 0"),
+    (["--train.threads", "-1"], 1, "train.threads must be >= 0"),
+    (["--model.moe.sparsity", "2", "--model.moe.granularity", "2", "--model.moe.shared_expert", "true",
+      "--model.ffn_hidden_size", "6", "--parallel.tensor", "2", "--parallel.sequence_parallel", "true",
+      "--parallel.expert_tensor", "1"], 2, "shared expert FFN width (ffn / granularity = 3) is not divisible"),
 ])
 def test_bad_input_is_reported(overrides, world, message):
     with pytest.raises(ValueError, match=None) as info:
@@ -50,17 +77,70 @@ def test_bad_input_is_reported(overrides, world, message):
     assert message in str(info.value), str(info.value)
 
 
+def test_vocab_size_below_the_tokenizer_is_reported():
+    from hyperp_megatron.config import ConfigError, check_vocab_size
+
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary "
+                                          r"\(8192\)"):
+        check_vocab_size(load_config(None, ["--model.vocab_size", "100"]), 8192)
+    check_vocab_size(load_config(None, ["--model.vocab_size", "8192"]), 8192)
+    check_vocab_size(load_config(None, []), 8192)  # unset: the tokenizer's
+
+
 def test_missing_config_file():
     with pytest.raises(ValueError, match="config file not found"):
         load_config("/nonexistent.yaml")
 
 
-def test_every_shipped_config_loads():
-    configs = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(REPO, "configs"))
-               for f in files if f.endswith(".yaml")]
-    assert configs
-    for path in configs:
-        load_config(path)
+def _shipped_configs() -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, f), os.path.join(REPO, "configs"))
+                  for root, _, files in os.walk(os.path.join(REPO, "configs")) for f in files if f.endswith(".yaml"))
+
+
+def _assert_applied(section: str, written, loaded) -> None:
+    if isinstance(written, dict):
+        for key, value in written.items():
+            _assert_applied(f"{section}.{key}", value, loaded[key])
+    elif isinstance(written, float) or isinstance(loaded, float):
+        assert loaded == pytest.approx(float(written)), section
+    else:
+        assert loaded == written, section
+
+
+@pytest.mark.parametrize("name", _shipped_configs())
+def test_every_shipped_config_is_loaded_as_written(name):
+    """Every value written in the YAML reaches the typed config unchanged (nothing dropped or renamed);
+    the file's depth and run directory match its name; it validates on the layout it declares."""
+    import yaml
+
+    path = os.path.join(REPO, "configs", name)
+    cfg = load_config(path)
+    _assert_applied("", yaml.safe_load(open(path)), cfg.to_dict())
+    stem = name.removesuffix(".yaml")
+    assert cfg.logging.run_dir == f"runs/{stem}"
+    depth = re.search(r"d(\d+)$", stem)
+    if depth:
+        assert cfg.model.num_layers == int(depth.group(1))
+    validate(cfg, cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert)
+
+
+def test_tiny_config_is_the_documented_main_job():
+    """configs/tiny.yaml is what the README's main job describes: 4 layers, width 256, GQA 4/2 heads,
+    8.1M parameters at the embedded 8192-token vocabulary, sphere Muon lr 0.05 decaying linearly to
+    0.1x, 200 steps of 16 x 256 tokens, TP=2 on 2 processes."""
+    from hyperp_megatron.derived import derive
+
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"))
+    m, t = cfg.model, cfg.train
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.seq_length) == (4, 256, 4, 2, 256)
+    assert (m.parameterization, m.qk_norm, m.moe.enabled) == ("hyperp", True, False)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr_ratio) == ("sphere_muon", 0.05, 0.1)
+    assert not cfg.hyperp.enabled
+    assert (t.steps, t.global_batch_size, cfg.parallel.tensor, cfg.data.prefixes) == (200, 16, 2, [])
+    assert cfg.data.embedded_vocab_size == 8192
+    validate(cfg, 2)
+    run = derive(cfg, 2, vocab_size=8192)
+    assert round(run.num_params / 1e6, 1) == 8.1 and run.steps == 200 and run.lr == 0.05
 
 
 def test_entry_point_reports_one_line_error_before_heavy_work(tmp_path):

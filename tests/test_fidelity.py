@@ -52,7 +52,7 @@ def test_muon_baseline_groups_get_the_derived_peak_and_depth_scaled_decay(pg_col
         "hyperp": {"enabled": True, "base_depth": 2, "base_lr": 0.05, "base_batch_tokens": 512}}))
     derived = derive(cfg, 1, vocab_size=256)
     chunks = build_model(cfg, pg_collection, 256)
-    optimizer = build_optimizer(cfg, chunks, pg_collection, peak_lr=derived.lr)
+    optimizer = build_optimizer(cfg, chunks, pg_collection, derived)
     groups = {g["rule"]: g for g in optimizer.param_groups}
     assert groups["muon"]["decay_peak_lr"] == derived.lr != cfg.optim.lr
     assert groups["muon"]["weight_decay"] == pytest.approx(0.1 * 2 / 4) == derived.weight_decay
@@ -61,7 +61,7 @@ def test_muon_baseline_groups_get_the_derived_peak_and_depth_scaled_decay(pg_col
 
 def test_sphere_decay_keeps_the_coupled_form():
     """Sphere Muon's (second-order) decay stays eta(t) * wd: the builder sets no peak for sphere rules."""
-    from hyperp_megatron.optim.sphere_builder import torch_param_groups
+    from hyperp_megatron.optim.builder import torch_param_groups
 
     class Assigned:
         def __init__(self, rule):

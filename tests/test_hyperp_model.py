@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from trainer_utils import TINY, merge, train_worker
+from trainer_utils import TINY, merge, parity, train_worker
 
 VOCAB = 256
 SEQ = 32
@@ -251,16 +251,31 @@ def test_muon_logit_multiplier(pg_collection):
 # Tensor parallel
 
 GATED = {"model": {"gated_attention": True}, "train": {"steps": 3}}
+GATED_LAYOUTS = {"tp2": {"tensor": 2}, "tp2_sp": {"tensor": 2, "sequence_parallel": True}}
 
 
-def test_gated_attention_tensor_parallel_matches_single_process(embedded_corpus):
-    (reference,) = run_distributed(train_worker, 1, GATED)
+def _gated_runs(rank: int, world_size: int, layouts: dict) -> dict:
+    runs = {}
+    for name, layout in layouts.items():
+        result = train_worker(rank, world_size, merge(GATED, {"parallel": layout}), weights=True)
+        runs[name] = {key: result[key] for key in ("losses", "weights", "weights_step1", "replica_spread")}
+    return runs
+
+
+def test_gated_attention_tensor_parallel_matches_single_process(embedded_corpus, measured):
+    """Losses and every weight (AdamW; bounds of tests/test_trunk_parallel.py, measured there)."""
+    from test_trunk_parallel import FINAL_ADAM_FRO_RTOL, LOSS_RTOL, STEP1_ADAM_FRO_RTOL
+
+    (reference,) = run_distributed(_gated_runs, 1, {"tp1": {}})
+    reference = reference["tp1"]
     assert reference["losses"][-1] < reference["losses"][0]
-    for layout in ({"tensor": 2}, {"tensor": 2, "sequence_parallel": True}):
-        results = run_distributed(train_worker, 2, merge(GATED, {"parallel": layout}))
-        for result in results:
-            for got, want in zip(result["losses"], reference["losses"], strict=True):
-                assert math.isclose(got, want, rel_tol=2e-4), (layout, result["losses"], reference["losses"])
+    runs = run_distributed(_gated_runs, 2, GATED_LAYOUTS)[0]
+    for name, run in runs.items():
+        errors = parity(run, reference, "adamw")
+        measured("parity/adamw_trainer", f"gated_attention_{name}", errors)
+        assert errors["replica_spread"] == 0.0 and errors["loss_rel"] <= LOSS_RTOL, (name, errors)
+        assert errors["step1"]["adam_fro_rel"] <= STEP1_ADAM_FRO_RTOL, (name, errors)
+        assert errors["final"]["adam_fro_rel"] <= FINAL_ADAM_FRO_RTOL, (name, errors)
 
 
 # ----------------------------------------------------------------------------------------------

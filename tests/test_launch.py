@@ -197,9 +197,10 @@ def test_slurm_scancel_signal_reaches_every_task(slurm_cluster: SlurmCluster, tm
 def rerun_when_requeued(cluster: SlurmCluster, job_id: int, tmp_path: Path, run: int) -> list[dict]:
     """Wait for the requeued job's next run and return its results.
 
-    Slurm holds a requeued job for cred_expire + 1 s (11 s here), as it would in production. Skipping
-    that with ``scontrol update StartTime=now`` saved 11 s but, twice under heavy machine load, the
-    next run then never started within 60 s (cause not pinned down).
+    Slurm holds a requeued job for cred_expire + 1 s (11 s here), as it would in production. Never skip
+    that with ``scontrol update StartTime=now``: slurmd refuses a launch credential no newer (in whole
+    seconds) than its revocation of the previous run's, and slurmctld then ends the job FAILED, ExitCode
+    1:0 ("Killing non-startable batch JobId=J: Job credential revoked"; 3 of 8 tries under load).
     """
     cluster.wait_for_job(job_id, ["PENDING"], Restarts=run, timeout=60)
     wait_for_files([tmp_path / "run" / f"rank{r}-run{run}.json" for r in range(2)], timeout=90,
@@ -240,3 +241,25 @@ def test_slurm_requeue_reruns_with_restart_count(slurm_cluster: SlurmCluster, tm
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "2"), job_logs(tmp_path)
     log = (tmp_path / f"hyperp-{job_id}.out").read_text()
     assert all(f"restart {run}" in log for run in range(3)), log  # --open-mode=append kept every run
+
+
+def test_slurm_multinode_requeues_itself_on_its_own_marker_only(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """torchrun hides the trainer's exit status: the script requeues when its own run left
+    ``run_dir/preempted.json``; a marker from an earlier run (another restart count) requeues nothing."""
+    job_id = start_holding_job(slurm_cluster, "launch/slurm_multinode.sbatch", tmp_path,
+                               "--stand_in.marker_in_run", "0")
+    log = tmp_path / f"hyperp-{job_id}.out"
+    # 1. SIGTERM to the tasks: rank 0 of run 0 leaves the marker; the script requeues and exits 0.
+    slurm_cluster.run(["scancel", "--signal=TERM", str(job_id)])
+    results = rerun_when_requeued(slurm_cluster, job_id, tmp_path, run=1)
+    assert [r["restart_count"] for r in results] == [1, 1]
+    assert_world(results, 2, "torchrun")
+    assert "this run exits 0" in log.read_text(), job_logs(tmp_path)
+    # 2. Run 1 leaves no marker and run 0's is still there (the stand-in never removes it): no requeue.
+    slurm_cluster.run(["scancel", "--signal=TERM", str(job_id)])
+    wait_for_files([tmp_path / "run" / f"signal-rank{r}-run1.txt" for r in range(2)], timeout=30,
+                   logs_dir=tmp_path, cluster=slurm_cluster)
+    info = wait_finished(slurm_cluster, job_id, tmp_path)
+    assert info["Restarts"] == "1", job_logs(tmp_path)
+    assert log.read_text().count("requeueing job") == 1, job_logs(tmp_path)
+    assert (tmp_path / "run" / "preempted.json").exists()

@@ -6,8 +6,11 @@
 - the switch load-balancing loss (gamma at perfect balance, larger under imbalance, the router's value
   equals the formula), MaxVio, and the gradient through the sqrt gate;
 - training: EP=2 (all-to-all) and TP=2 x EP=2 (+SP, expert-TP=2; all-gather dispatcher) reproduce the
-  single-process run, LM loss and aux loss, step by step, with SequentialMLP and with the torch
-  grouped-GEMM experts (``model/experts.py``).
+  single-process run: LM loss and every layer's aux loss, step by step, and the weights, with
+  SequentialMLP and with the torch grouped-GEMM experts (``model/experts.py``). Control: the router's
+  load statistics kept rank-local;
+- several micro-batches: DP=1 x 4 vs DP=2 x 2 agree at step 1 (LM and per-layer aux loss) and stay
+  within a measured bound afterwards (the aux-loss gradient's running mean of f; see the test).
 """
 
 import json
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from trainer_utils import REPO, merge, train_worker
+from trainer_utils import REPO, merge, parity, train_worker
 
 HIDDEN = 64
 
@@ -225,7 +228,7 @@ def test_gradient_flows_through_the_sqrt_gate(pg_collection):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: expert / tensor parallel layouts reproduce the single-process run
+# Training: expert / tensor / data parallel layouts reproduce the single-process run
 
 STEPS = 4
 MOE_MODEL = {"ffn_hidden_size": 192,  # s = 3, k = 3 with a shared expert: 8 routed experts of width 64, top-2
@@ -236,57 +239,175 @@ MOE_MODEL = {"ffn_hidden_size": 192,  # s = 3, k = 3 with a shared expert: 8 rou
              # these 4 steps stay within 3e-7. This test checks token dispatch and experts; the SDPA attention's
              # TP parity is tests/test_sdpa_attention.py's, and MoE + SDPA layouts run in test_monitors.py.
              "attention_backend": "megatron_local"}
-
-
+# Sphere Muon (every expert its own sphere); the sphere step is an angle: 0.1 rad per step moves the
+# weights enough in 4 steps.
 OPTIMIZER = {"name": "sphere_muon", "lr": 0.1}
-"""Sphere Muon (every expert its own sphere). The sphere step is an angle: 0.1 rad per step moves the weights
-enough in 4 steps."""
+NUM_LAYERS = 2
+# Bounds a small margin above the largest value measured (bench/results/parity.json; see
+# trainer_utils.parity for why final weights agree less closely than losses and the first step).
+LOSS_RTOL = 1e-6  # LM loss, every step: measured <= 2.1e-7 (TP=2 x EP=2)
+AUX_RTOL = 3e-6  # every layer's aux loss, every step: 8.1e-7
+STEP1_MATRIX_RTOL = 1e-5  # 2.9e-6
+FINAL_MATRIX_RTOL = 3e-4  # 8.3e-5
+FINAL_ADAM_FRO_RTOL = 1e-2  # 4.2e-3
+# DP=2 x 2 vs DP=1 x 4 micro-batches (see the test): steps 2-4 differ through the aux-loss gradient
+MICRO_BATCH_LOSS_RTOL = 2e-3  # measured 6.9e-4
+MICRO_BATCH_AUX_RTOL = 4e-2  # 1.4e-2
 
 
-def run_moe(tmp_path, name, world_size, parallel, micro_batch_size, dispatcher="alltoall", grouped_gemm="auto"):
-    run_dir = tmp_path / name
-    run_distributed(train_worker, world_size, {
-        "model": merge(MOE_MODEL, {"moe": {"token_dispatcher": dispatcher, "grouped_gemm": grouped_gemm}}),
-        "parallel": parallel,
-        "optim": OPTIMIZER,
-        "train": {"steps": STEPS, "micro_batch_size": micro_batch_size, "global_batch_size": 8},
-        "logging": {"run_dir": str(run_dir)},
-    })
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [row for row in rows if "loss" in row]
-    return [row["loss"] for row in rows], [row["aux_loss"] for row in rows]
+def moe_overrides(micro_batch_size: int, parallel: dict | None = None, dispatcher: str = "alltoall",
+                  aux_loss_coeff: float = 0.1, grouped_gemm: str = "auto") -> dict:
+    """``grouped_gemm`` 'auto': SequentialMLP on CPU; 'true': the torch grouped-GEMM experts (their
+    per-expert loop on CPU)."""
+    model = merge(MOE_MODEL, {"moe": {"token_dispatcher": dispatcher, "aux_loss_coeff": aux_loss_coeff,
+                                      "grouped_gemm": grouped_gemm}})
+    return {"model": model, "parallel": parallel or {}, "optim": OPTIMIZER,
+            "train": {"steps": STEPS, "micro_batch_size": micro_batch_size, "global_batch_size": 8}}
+
+
+def _recording_aux_loss(shares: list):
+    """``step.pop_local_aux_loss`` that also records this rank's share of every layer's aux loss."""
+    from hyperp_megatron.model.moe import routers
+
+    def pop(model_chunks, device):
+        values = [router.pop_aux_loss() for router in routers(model_chunks)]
+        shares.append(torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64))
+        return shares[-1].sum().to(device)
+
+    return pop
+
+
+def moe_worker(rank: int, world_size: int, runs: dict) -> dict:
+    """Train each run (name -> (overrides, mutation or None)) in this process group; per run: losses,
+    weights (rank 0), and the aux loss of every step and layer (reduced as the trainer reduces the total)."""
+    import contextlib
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from hyperp_megatron import step
+    from mutants import mutated
+
+    results = {}
+    for name, (overrides, mutation) in runs.items():
+        shares = []
+        with mock.patch.object(step, "pop_local_aux_loss", _recording_aux_loss(shares)), \
+                (mutated(mutation) if mutation else contextlib.nullcontext()):
+            result = train_worker(rank, world_size, overrides, weights=True)
+        per_layer = torch.stack(shares)  # [steps, layers]: this rank's shares
+        dist.all_reduce(per_layer)  # world: TP/CP shares, DP replicas (PP = 1: every rank has every layer)
+        train = overrides["train"]
+        dp_size = world_size // overrides["parallel"].get("tensor", 1)
+        per_layer /= dp_size * train["global_batch_size"] // (train["micro_batch_size"] * dp_size)
+        results[name] = {"aux_per_layer": per_layer.tolist(), **{
+            key: result[key] for key in ("losses", "weights", "weights_step1", "replica_spread")}}
+    return results
+
+
+def _run_dir(tmp_path, name: str) -> dict:
+    return {"logging": {"run_dir": str(tmp_path / name)}}
 
 
 @pytest.fixture(scope="module")
-def moe_reference(embedded_corpus, tmp_path_factory):
-    # One micro-batch per step in every layout, so f (global over the micro-batch) is the same.
-    return run_moe(tmp_path_factory.mktemp("moe"), "ep1", 1, {}, micro_batch_size=8)
+def moe_single(embedded_corpus, tmp_path_factory):
+    """One process: the reference (one micro-batch of 8 per step) and 4 micro-batches of 2 per step."""
+    tmp = tmp_path_factory.mktemp("moe1")
+    (result,) = run_distributed(moe_worker, 1, {
+        "reference": (merge(moe_overrides(8), _run_dir(tmp, "reference")), None),
+        "dp1_4_micro": (moe_overrides(2), None),
+        "dp1_4_micro_no_aux": (moe_overrides(2, aux_loss_coeff=0.0), None),
+    })
+    rows = [json.loads(line) for line in (tmp / "reference" / "metrics.jsonl").read_text().splitlines()]
+    result["reference"]["aux_logged"] = [row["aux_loss"] for row in rows if "aux_loss" in row]
+    return result
 
 
-def _close(actual, expected, rtol=1e-5):
-    assert len(actual) == len(expected) == STEPS
-    for a, e in zip(actual, expected):
-        assert math.isclose(a, e, rel_tol=rtol), f"{actual} vs {expected}"
+@pytest.fixture(scope="module")
+def moe_two(embedded_corpus):
+    """Two processes: EP=2 (one micro-batch of 4 per rank, as the reference's global micro-batch), its
+    control with rank-local load statistics, and DP=2 with 2 micro-batches of 2 per rank."""
+    return run_distributed(moe_worker, 2, {
+        "ep2": (moe_overrides(4, {"expert": 2}), None),
+        "ep2_torch_grouped": (moe_overrides(4, {"expert": 2}, grouped_gemm="true"), None),
+        "ep2_local_statistics": (moe_overrides(4, {"expert": 2}), "moe_load_statistics_local"),
+        "dp2_2_micro": (moe_overrides(2), None),
+        "dp2_2_micro_no_aux": (moe_overrides(2, aux_loss_coeff=0.0), None),
+    })[0]
 
 
-def test_moe_reference_learns_and_balances(moe_reference):
-    losses, aux = moe_reference
+def _aux_rel(run: dict, reference: dict) -> float:
+    """Largest relative difference of a per-layer aux loss, over steps and layers."""
+    return max(abs(a - b) / abs(b) for steps, ref_steps in zip(run["aux_per_layer"], reference["aux_per_layer"])
+               for a, b in zip(steps, ref_steps))
+
+
+def check_moe_parity(measured, name: str, run: dict, reference: dict) -> dict:
+    errors = {**parity(run, reference, "sphere_muon"), "aux_rel": _aux_rel(run, reference)}
+    measured("parity/moe_sphere_muon_trainer", name, errors)
+    assert errors["replica_spread"] == 0.0, errors
+    assert errors["loss_rel"] <= LOSS_RTOL and errors["aux_rel"] <= AUX_RTOL, errors
+    assert errors["step1"]["matrix_max_rel"] <= STEP1_MATRIX_RTOL, errors
+    assert errors["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, errors
+    assert errors["final"]["adam_fro_rel"] <= FINAL_ADAM_FRO_RTOL, errors
+    return errors
+
+
+def test_moe_reference_learns_and_balances(moe_single):
+    reference = moe_single["reference"]
+    losses, aux = reference["losses"], [sum(layers) for layers in reference["aux_per_layer"]]
     assert all(math.isfinite(x) for x in losses + aux)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
-    num_layers, gamma = 2, 0.1
-    assert all(0.9 * gamma * num_layers < a < 2 * gamma * num_layers for a in aux), aux  # ~gamma per layer
+    gamma = 0.1
+    assert all(0.9 * gamma < a < 2 * gamma for layers in reference["aux_per_layer"] for a in layers), aux
+    # The per-layer values recorded here add up to the trainer's logged aux loss.
+    for logged, recorded in zip(reference["aux_logged"], aux, strict=True):
+        assert math.isclose(logged, recorded, rel_tol=1e-9), (reference["aux_logged"], aux)
 
 
-@pytest.mark.parametrize("grouped_gemm", ["auto", "true"], ids=["sequential_mlp", "torch_grouped"])
-@pytest.mark.parametrize("world_size, parallel, dispatcher", [
-    (2, {"expert": 2}, "alltoall"),
-    (4, {"tensor": 2, "sequence_parallel": True, "expert": 2}, "allgather"),  # expert-TP = TP = 2
-], ids=["ep2_alltoall", "tp2_ep2_allgather"])
-def test_expert_parallel_matches_single_process(moe_reference, tmp_path, world_size, parallel, dispatcher,
-                                                grouped_gemm):
-    """SequentialMLP ('auto' on CPU) or the torch grouped-GEMM experts ('true'; their per-expert loop on
-    CPU) at EP=2 / TP=2 x EP=2 against the single-process SequentialMLP run."""
-    losses, aux = run_moe(tmp_path, "run", world_size, parallel, micro_batch_size=4, dispatcher=dispatcher,
-                          grouped_gemm=grouped_gemm)
-    _close(losses, moe_reference[0])
-    _close(aux, moe_reference[1])
+@pytest.mark.parametrize("experts", ["", "_torch_grouped"], ids=["sequential_mlp", "torch_grouped"])
+def test_expert_parallel_matches_single_process(moe_single, moe_two, measured, experts):
+    """SequentialMLP or the torch grouped-GEMM experts at EP=2 against the single-process SequentialMLP run."""
+    check_moe_parity(measured, f"ep2_alltoall{experts}", moe_two[f"ep2{experts}"], moe_single["reference"])
+
+
+def test_tensor_and_expert_parallel_match_single_process(moe_single, measured):
+    """TP=2 x EP=2 (+SP, expert-TP = TP = 2; all-gather dispatcher) on 4 processes, both expert kinds."""
+    layout = {"tensor": 2, "sequence_parallel": True, "expert": 2}
+    runs = run_distributed(moe_worker, 4, {
+        name: (moe_overrides(4, layout, dispatcher="allgather", grouped_gemm=grouped), None)
+        for name, grouped in (("tp2_ep2_sp_allgather", "auto"), ("tp2_ep2_sp_allgather_torch_grouped", "true"))})[0]
+    for name, run in runs.items():
+        check_moe_parity(measured, name, run, moe_single["reference"])
+
+
+def test_control_moe_load_statistics_local_is_caught(moe_single, moe_two, measured):
+    """Negative control: with the router's top-k counts not all-reduced, each EP rank balances its own
+    tokens; the aux loss (and with it training) no longer matches the single process."""
+    mutant, reference = moe_two["ep2_local_statistics"], moe_single["reference"]
+    with pytest.raises(AssertionError):
+        check_moe_parity(lambda *args: None, "control", mutant, reference)
+    aux_rel = _aux_rel(mutant, reference)
+    measured("controls", "moe_load_statistics_local/ep2_aux_rel", aux_rel)
+    assert aux_rel > 100 * AUX_RTOL, aux_rel
+
+
+def test_several_micro_batches_across_data_parallel_layouts(moe_single, moe_two, measured):
+    """DP=1 with 4 micro-batches vs DP=2 with 2 each (the same 8 sequences per step).
+
+    Step 1 (same weights): the LM loss and every layer's aux loss agree, because the logged aux loss
+    uses f over the whole step. The gradient of micro-batch m can only use f of micro-batches 1..m (a
+    running mean, as in Megatron: its backward runs before later ones are routed), which differs between
+    the layouts (2, 4, 6, 8 sequences vs 4, 8), so the updates differ (the router's most) and later
+    steps drift apart by a measured bound. With gamma = 0 they agree like any other layout: the aux-loss
+    gradient is the only difference.
+    """
+    one, two = moe_single["dp1_4_micro"], moe_two["dp2_2_micro"]
+    step1 = {"loss_rel": abs(two["losses"][0] / one["losses"][0] - 1),
+             "aux_rel": max(abs(a / b - 1) for a, b in zip(two["aux_per_layer"][0], one["aux_per_layer"][0]))}
+    drift = {**parity(two, one, "sphere_muon"), "aux_rel": _aux_rel(two, one)}
+    no_aux = parity(moe_two["dp2_2_micro_no_aux"], moe_single["dp1_4_micro_no_aux"], "sphere_muon")
+    measured("moe_micro_batches", "dp2x2_vs_dp1x4", {"step1": step1, "all_steps": drift, "gamma0": no_aux})
+    assert step1["loss_rel"] <= LOSS_RTOL and step1["aux_rel"] <= AUX_RTOL, step1
+    assert drift["loss_rel"] <= MICRO_BATCH_LOSS_RTOL and drift["aux_rel"] <= MICRO_BATCH_AUX_RTOL, drift
+    assert no_aux["loss_rel"] <= LOSS_RTOL and no_aux["step1"]["matrix_max_rel"] <= STEP1_MATRIX_RTOL, no_aux
+    assert no_aux["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, no_aux

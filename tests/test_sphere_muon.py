@@ -210,7 +210,7 @@ def test_fused_qkv_equals_separate_q_k_v():
         torch.testing.assert_close(fused.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
-def test_weight_decay_keeps_radius_and_changes_weights_only_to_second_order():
+def test_weight_decay_keeps_radius_and_changes_weights_only_to_second_order(measured):
     full = local_tensors(full_weights())
     sphere_only = {name: full[name] for name in ("fc1", "fc2", "output")}
     runs = {}
@@ -221,12 +221,17 @@ def test_weight_decay_keeps_radius_and_changes_weights_only_to_second_order():
         for name, param in params.items():
             assert optimizer.state[param]["radius"].item() == pytest.approx(full[name].norm().item(), rel=1e-6)
             assert param.norm().item() == pytest.approx(full[name].norm().item(), rel=1e-6)
+    effects = {}
     for name in sphere_only:
         moved = (runs[0.0][name] - full[name]).norm() / full[name].norm()  # ~ 5 steps x lr
         decay_effect = (runs[0.1][name] - runs[0.0][name]).norm() / full[name].norm()
+        effects[name] = decay_effect.item()
         # first order would be ~ 5 lr wd = 1e-2; second order is ~ 5 lr^2 wd = 2e-4
         assert 0 < decay_effect < 5 * 5 * LR**2 * 0.1, (name, decay_effect)
         assert decay_effect < 0.01 * moved
+    measured("sphere_invariants", "weight_decay_0.1_effect_after_5_steps_rel", {
+        "max": max(effects.values()), "second_order_bound_5x5_lr2_wd": 5 * 5 * LR**2 * 0.1,
+        "first_order_would_be_5_lr_wd": 5 * LR * 0.1})
 
 
 def test_expert_batching_equals_unbatched():

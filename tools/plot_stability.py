@@ -11,7 +11,7 @@ runs overlaid in one colour each,
 
     stability_steps.png   against the optimizer step;
     stability_flops.png   against training FLOPs (log x): step * flops_per_token * batch tokens, from
-                          ``hyperp_megatron.transfer.derive`` on the run's ``config.yaml`` and
+                          ``hyperp_megatron.derived.derive`` on the run's ``config.yaml`` and
                           ``run_info.json`` (world size).
 """
 

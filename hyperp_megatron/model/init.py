@@ -36,10 +36,10 @@ def _full_to_local(full: torch.Tensor, name: str, dim: int, rank: int, size: int
 def _draw(name: str, shape: tuple, cfg: Config, generator: torch.Generator) -> torch.Tensor:
     """The full initial tensor of the parameter with canonical name ``name``."""
     kind = role_of(name).kind
+    if kind == "bias" or name.endswith("bias"):  # a LayerNorm's bias has the norm role, and starts at 0
+        return torch.zeros(shape)
     if kind == "norm":
         return torch.ones(shape)
-    if kind == "bias":
-        return torch.zeros(shape)
     hyperp = cfg.model.hyperp_architecture
     if kind == "embedding":
         return torch.randn(shape, generator=generator) * (EMBEDDING_STD if hyperp else cfg.model.init_method_std)

@@ -16,8 +16,8 @@ Float16Module, see :func:`unwrap`), never by ``ndim``; an unknown name raises ``
 | routed_expert | ``mlp.experts.local_experts.{i}.linear_fc{1,2}.weight`` | hidden matrix | expert-TP (0 / 1) |
 | output | ``output_layer.weight`` | output | TP (0, vocab) |
 | embedding | ``embedding.word_embeddings.weight`` | embedding | TP (0, vocab) |
-| norm | ``*layernorm.weight``, ``*.layer_norm_weight`` (gains) | norm | - |
-| bias | any ``*.bias`` (norm biases included), ``*.layer_norm_bias`` | bias | as its weight |
+| norm | ``*layernorm.{weight,bias}``, ``*.layer_norm_{weight,bias}`` (gains, and biases of a LayerNorm) | norm | - |
+| bias | any other ``*.bias`` | bias | as its weight |
 
 Grouped-GEMM experts (Transformer Engine's ``TEGroupedMLP`` or ``model/experts.py``) keep routed expert
 ``i`` as ``mlp.experts.linear_fc{1,2}.weight{i}``; TE's carry no Megatron partition attributes, so their
@@ -74,8 +74,8 @@ ROLES: tuple[Role, ...] = (
     _role("routed_expert", ROUTED_EXPERT, "hidden_matrix"),
     _role("output", r"^output_layer\.weight$", "output"),
     _role("embedding", r"^embedding\.word_embeddings\.weight$", "embedding"),
-    _role("norm", r"(?:layernorm\.weight|layer_norm_weight)$", "norm"),
-    _role("bias", r"(?:\.bias\d*|layer_norm_bias)$", "bias"),
+    _role("norm", r"(?:layernorm\.(?:weight|bias)|layer_norm_(?:weight|bias))$", "norm"),
+    _role("bias", r"(?<!layernorm)\.bias\d*$", "bias"),
 )
 """Disjoint: a parameter name matches at most one pattern (asserted in :func:`role_of`)."""
 
@@ -85,7 +85,7 @@ def role_of(name: str) -> Role:
     matches = [role for role in ROLES if role.pattern.search(name)]
     if not matches:
         known = ", ".join(role.name for role in ROLES)
-        raise ValueError(f"parameter {name!r} matches no parameter role ({known}): add it to "
+        raise ValueError(f"parameter {name!r} matches no optimizer role ({known}): add it to "
                          "hyperp_megatron/model/params.py ROLES and its update rule to optim/param_groups.py")
     assert len(matches) == 1, f"parameter {name!r} matches several roles: {[r.name for r in matches]}"
     return matches[0]

@@ -96,8 +96,12 @@ class SqrtGateRouter(TopKRouter):
     and results change with the data-parallel size. Its ``f`` (top-k counts summed over TP x DP x CP,
     running mean over the micro-batches of the step) is kept.
 
-    The aux loss of every micro-batch (this rank's share, detached) is accumulated in
-    ``aux_loss_sum``; :func:`hyperp_megatron.model.moe.pop_aux_loss` collects it for logging.
+    The gradient of micro-batch ``m`` uses ``f`` averaged over micro-batches ``1..m`` of the step (its
+    backward runs before later micro-batches are routed), so with several micro-batches per replica
+    the gradient depends on how the global batch is split (DP=1 x 4 micro-batches vs DP=2 x 2). The
+    logged value does not: :meth:`pop_aux_loss` evaluates the loss with ``f`` of all the micro-batches
+    since the last call (the global batch of the step) and ``P`` summed over them, from detached
+    statistics accumulated here; :func:`hyperp_megatron.model.moe.pop_local_aux_loss` collects it.
     """
 
     def __init__(self, config, pg_collection=None, gate: str = "sqrt"):
@@ -105,7 +109,7 @@ class SqrtGateRouter(TopKRouter):
             raise ValueError(f"model.moe.gate must be one of {', '.join(GATES)}; got {gate!r}")
         super().__init__(config=config, pg_collection=pg_collection)
         self.gate = gate
-        self.aux_loss_sum: torch.Tensor | None = None
+        self._logged: dict | None = None  # detached counts and P shares since the last pop_aux_loss
         self._check_config(config)
 
     @staticmethod
@@ -160,11 +164,25 @@ class SqrtGateRouter(TopKRouter):
             topk=self.topk,
             coeff=self.get_aux_loss_coeff(AUX_LOSS_TYPE),
         )
-        detached = loss.detach()
-        self.aux_loss_sum = detached if self.aux_loss_sum is None else self.aux_loss_sum + detached
+        self._accumulate_logged(counts, scores.detach().sum(dim=0) / (num_local * self.tp_cp_group.size()),
+                                num_local * self.tp_dp_cp_group.size())
         return MoEAuxLossAutoScaler.apply(probs, loss)
 
+    def _accumulate_logged(self, counts: torch.Tensor, prob_share: torch.Tensor, num_global_tokens: int) -> None:
+        if self._logged is None:
+            self._logged = {"counts": counts.clone(), "prob_share": prob_share, "num_global_tokens": 0,
+                            "coeff": self.get_aux_loss_coeff(AUX_LOSS_TYPE)}
+        else:
+            self._logged["counts"] += counts
+            self._logged["prob_share"] += prob_share
+        self._logged["num_global_tokens"] += num_global_tokens
+
     def pop_aux_loss(self) -> torch.Tensor | None:
-        """This rank's aux-loss share summed over the micro-batches since the last call; resets it."""
-        value, self.aux_loss_sum = self.aux_loss_sum, None
-        return value
+        """This rank's aux-loss share of the micro-batches since the last call, summed over them, with ``f``
+        over all of them (global); resets. Summed over the TP/CP ranks of a replica and the replicas and
+        divided by (replicas x micro-batches): ``gamma E sum_e f_e P_e`` of the whole step."""
+        logged, self._logged = self._logged, None
+        if logged is None:
+            return None
+        return switch_load_balancing_loss(logged["prob_share"][None, :], logged["counts"], logged["num_global_tokens"],
+                                          1.0, self.topk, logged["coeff"])

@@ -15,7 +15,7 @@ raises ``ValueError``. All groups use the same LR ``eta`` from the schedule (HYP
 | output | `output_layer.weight` | sphere_adam | adamw | eta | TP (0, vocab) |
 | embedding | `embedding.word_embeddings.weight` | adamw, wd 0 | adamw, wd 0 | eta | TP (0, vocab) |
 | norm | `*layernorm.weight`, `*.layer_norm_weight` | adamw, wd 0 | adamw, wd 0 | eta | - |
-| bias | any `*.bias` | adamw, wd 0 | adamw, wd 0 | eta | as its weight |
+| bias | any other `*.bias` | adamw, wd 0 | adamw, wd 0 | eta | as its weight |
 
 (With grouped-GEMM experts, Transformer Engine's or torch's, routed expert ``i`` is
 ``mlp.experts.linear_fc{1,2}.weight{i}``.) Weight decay of the sphere_muon / sphere_adam / muon rows: the run's

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,6 +39,8 @@ from typing import Iterator, Sequence
 INSTALL_SCRIPT = Path(__file__).with_name("install_slurm.sh")
 REQUIRED_BINARIES = ("slurmctld", "slurmd", "sinfo", "sbatch", "munged", "mungekey")
 SKIP_ENV_VAR = "HYPERP_SKIP_SLURM"
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE")
 
 SLURM_CONF_TEMPLATE = """\
 ClusterName=hyperp-test
@@ -94,6 +97,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def job_master_port(low: int = 22000, high: int = 32000) -> int:
+    """A free port for a job's MASTER_PORT that stays ours across its requeued runs: below Linux's ephemeral
+    range (so no outgoing connection takes it meanwhile) and random. The scripts' defaults derive it from the
+    job id, and every test cluster numbers its jobs from 1: two test sessions on one machine would collide."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
 @dataclass(frozen=True)
 class SlurmCluster:
     """Handle on a running local cluster: run clients against it, submit and inspect jobs."""
@@ -137,6 +156,31 @@ class SlurmCluster:
         """Node and queue state plus the daemons' log tails, for test failure messages."""
         parts = [self.run(cmd, check=False).stdout for cmd in (["sinfo", "-N", "-l"], ["squeue", "-l"])]
         return "\n".join(parts) + _log_tails(self.root)
+
+    def wait_for_restart(self, job_id: int, restarts: int, log: Path, *, timeout: float = 300) -> dict:
+        """Wait until the job's ``restarts``-th requeued run has really started: ``Restarts>=restarts`` and
+        RUNNING, or the launch scripts' "job J restart R on" line in ``log`` (a run too short to be seen
+        RUNNING). Fails at once when the job ends before that (a refused launch, a requeue that failed).
+
+        A requeued job is held (``Reason=BeginTime``) for cred_expire + 1 s: slurmd refuses a launch credential
+        no newer than its revocation of the previous run's, and slurmctld then ends the job FAILED
+        (``ExitCode=1:0``, "Killing non-startable batch job: Job credential revoked"). So never skip the hold
+        with ``scontrol update StartTime=now``.
+        """
+        deadline = time.monotonic() + timeout
+        started_line = f"job {job_id} restart {restarts} on"
+        while True:
+            info = self.job_info(job_id)
+            if int(info.get("Restarts", 0)) >= restarts and info.get("JobState") == "RUNNING":
+                return info
+            if log.exists() and started_line in log.read_text():
+                return info
+            if info.get("JobState") in TERMINAL_STATES:
+                raise AssertionError(f"job {job_id} ended before restart {restarts} ran: {info}\n"
+                                     f"{log.read_text()[-3000:] if log.exists() else ''}\n{self.describe()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}: restart {restarts} not running after {timeout} s: {info}")
+            time.sleep(0.5)
 
     def wait_for_job(self, job_id: int, states: Sequence[str], *, timeout: float = 60, **where) -> dict:
         """Poll until the job is in one of ``states`` (and every ``Key=value`` in ``where`` holds)."""

@@ -16,7 +16,8 @@ with what it found. Knobs (read here only): ``--stand_in.hold_s S`` keeps it ali
 the all-reduce so tests can signal it; ``--stand_in.exit_code_on_signal C`` is its exit code after a
 SIGTERM/SIGUSR1, whose handler writes ``<run_dir>/signal-rank<R>-run<RESTART>.txt``;
 ``--stand_in.exit_code C`` is its exit code otherwise; ``--stand_in.exit_early C`` exits with C before
-importing torch (a quick job for exit-code tests).
+importing torch (a quick job for exit-code tests); ``--stand_in.marker_in_run R``: after a signal in run
+(SLURM restart) R, rank 0 leaves the trainer's preemption marker ``<run_dir>/preempted.json`` (step 0).
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ def main(argv: list[str]) -> int:
     deadline = time.monotonic() + hold_s
     while not signalled and time.monotonic() < deadline:
         time.sleep(0.1)
+    if signalled and found["rank"] == 0 and args.get("stand_in.marker_in_run") == str(restart):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (not installed)
+        from hyperp_megatron import requeue
+
+        requeue.write_marker(run_dir, 0, "none (stand-in)", signal.Signals(signalled[0]).name,
+                             requeue.slurm_run_id(os.environ))
     return exit_code_on_signal if signalled else exit_code
 
 

@@ -1,0 +1,140 @@
+"""Deliberately wrong variants of the code, for negative controls.
+
+Each property a test claims (layout parity, resume, global statistics, ...) has a control: the test
+applies one mutation below, reruns its check on the mutated code and asserts that the check fails.
+A check that also passed the mutant would prove nothing. Mutations are applied inside the process
+that runs the code: in-process with ``with mutated(name):`` (in the workers of ``run_distributed``), or
+for real torchrun jobs through this file as the entry point::
+
+    torchrun --nproc-per-node 2 tests/mutants.py resume_restarts_from_step_0 --config run.yaml
+
+(``trainer_utils.launch_torchrun(..., mutation=name)``), which applies the mutation and runs the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from unittest import mock
+
+
+class _WithoutAllReduce:
+    """``torch.distributed`` with ``all_reduce`` a no-op (each rank keeps its local value)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    @staticmethod
+    def all_reduce(tensor, *args, **kwargs):
+        return None
+
+
+def _fresh_train_state(session):
+    from hyperp_megatron.checkpoint import TrainState
+
+    return TrainState()
+
+
+def resume_restarts_from_step_0():
+    """``maybe_resume`` ignores the checkpoints: the relaunched job trains again from step 0 (with a
+    deterministic trainer it still ends on the same weights)."""
+    from hyperp_megatron import train
+
+    return mock.patch.object(train, "maybe_resume", _fresh_train_state)
+
+
+def sphere_radius_per_shard():
+    """The all-reduce of the per-shard squared norms (``SphereMuon._sum_over_shards``) is skipped: each
+    TP shard is retracted to its own norm instead of the whole matrix's."""
+    from hyperp_megatron.optim import sphere_muon
+
+    original = sphere_muon._sum_over_shards
+    return mock.patch.object(sphere_muon, "_sum_over_shards", lambda stats_list, group: original(stats_list, None))
+
+
+def _blockwise_sphere_muon(*args, **kwargs):
+    from hyperp_megatron.optim.sphere_muon import SphereMuon
+
+    return SphereMuon(*args, **{**kwargs, "ns_mode": "blockwise"})
+
+
+def newton_schulz_per_shard():
+    """The trainer's SphereMuon orthogonalizes each TP shard on its own (``ns_mode='blockwise'``)."""
+    from hyperp_megatron.optim import builder
+
+    return mock.patch.object(builder, "SphereMuon", _blockwise_sphere_muon)
+
+
+def moe_load_statistics_local():
+    """The router's top-k counts are not all-reduced over TP x DP x CP: ``f`` of the load-balancing loss
+    is this rank's, not the global batch's."""
+    from hyperp_megatron.model import router
+
+    return mock.patch.object(router, "dist", _WithoutAllReduce(router.dist))
+
+
+def _build_without_sequence_parallel_tags(original, *args, **kwargs):
+    chunks = original(*args, **kwargs)
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if getattr(param, "sequence_parallel", False):
+                param.sequence_parallel = False
+    return chunks
+
+
+def sequence_parallel_norm_grads_not_reduced():
+    """Norm gains lose their ``sequence_parallel`` tag (``compat/without_te.py`` sets it): under sequence
+    parallelism ``finalize_model_grads`` no longer sums their gradients over the TP ranks, each of
+    which saw only its part of the sequence."""
+    from hyperp_megatron.model import gpt
+
+    return mock.patch.object(gpt, "build_model",
+                             functools.partial(_build_without_sequence_parallel_tags, gpt.build_model))
+
+
+def reshard_without_optimizer_state():
+    """``checkpoint.load`` restores the weights but not the optimizer state (momentum, Adam moments,
+    radii)."""
+    from hyperp_megatron import checkpoint
+
+    return mock.patch.object(checkpoint, "load", functools.partial(checkpoint.load, load_optimizer=False))
+
+
+def monitor_reductions_skipped():
+    """The stability monitors skip their all-reduces (the world sum of per-layer statistics, the TP /
+    expert-TP sums of gradient norms and radii): each rank reports its own partial values."""
+    from hyperp_megatron import monitors
+
+    return mock.patch.object(monitors, "dist", _WithoutAllReduce(monitors.dist))
+
+
+MUTATIONS = {fn.__name__: fn for fn in (
+    resume_restarts_from_step_0, sphere_radius_per_shard, newton_schulz_per_shard, moe_load_statistics_local,
+    sequence_parallel_norm_grads_not_reduced, reshard_without_optimizer_state, monitor_reductions_skipped,
+)}
+
+
+@contextlib.contextmanager
+def mutated(name: str):
+    """Apply mutation ``name`` (a key of ``MUTATIONS``) inside the block."""
+    with MUTATIONS[name]():
+        yield
+
+
+def main(argv: list[str]) -> int:
+    """``mutants.py NAME [trainer arguments]``: the trainer's entry point with mutation NAME applied."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    name, rest = argv[0], argv[1:]
+    from hyperp_megatron import train
+
+    with mutated(name):
+        return train.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
