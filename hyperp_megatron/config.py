@@ -352,7 +352,8 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the run directory's latest complete checkpoint if there is one."""
     load: str | None = None
-    """Load this checkpoint directory (or run directory) instead of the run's own latest."""
+    """Start from this checkpoint directory (or checkpoints root) while the run has none of its own; once it has
+    (a requeue or restart), it continues from its own latest (with checkpoint.resume)."""
     keep: int = 2
     """Complete checkpoints to keep (older ones are deleted; 0 keeps all)."""
 

@@ -173,15 +173,28 @@ def _summary(d: DerivedRun) -> str:
             f"batch x{d.batch_factor:.3g}) | train FLOPs {d.train_flops:.3g}")
 
 
+def resume_roots(cfg: Config) -> list[Path]:
+    """Where a run may start from, in order of preference: its own checkpoints (``checkpoint.resume``; a
+    requeued or restarted run continues from its latest even when it began from ``checkpoint.load``), then
+    ``checkpoint.load`` (a checkpoint directory or a checkpoints root)."""
+    c = cfg.checkpoint
+    roots = [Path(cfg.logging.run_dir) / "checkpoints"] if c.resume else []
+    return roots + ([Path(c.load)] if c.load else [])
+
+
+def find_checkpoint(cfg: Config, log=print) -> Path | None:
+    """The checkpoint the run resumes from (:func:`resume_roots`, the first root with an intact one), or None."""
+    for root in resume_roots(cfg):
+        if cfg.checkpoint.load and root == Path(cfg.checkpoint.load) and (root / ckpt.MANIFEST).is_file():
+            return root  # a named checkpoint directory (ckpt.load verifies what it reads)
+        found = ckpt.find_resumable(root, log=log)
+        if found is not None:
+            return found
+    return None
+
+
 def maybe_resume(s: Session) -> ckpt.TrainState:
-    c = s.cfg.checkpoint
-    root = Path(c.load) if c.load else Path(s.cfg.logging.run_dir) / "checkpoints"
-    if c.load and (root / ckpt.MANIFEST).is_file():
-        found = root
-    elif c.resume or c.load:
-        found = ckpt.find_resumable(root, log=s.logger.message)
-    else:
-        found = None
+    found = find_checkpoint(s.cfg, log=s.logger.message)
     if found is None:
         return ckpt.TrainState()
     state, _ = ckpt.load(found, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
@@ -204,10 +217,7 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
             check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:
             raise ConfigError(f"data.split: {exc}") from None
-    c = cfg.checkpoint
-    if not (c.resume or c.load):
-        return
-    found = ckpt.peek_resumable(Path(c.load) if c.load else Path(cfg.logging.run_dir) / "checkpoints")
+    found = next(filter(None, (ckpt.peek_resumable(root) for root in resume_roots(cfg))), None)
     if found is None or found[1] < derived.steps:
         return
     # Verified here only when it ends the run (else maybe_resume verifies it, and falls back if damaged):
