@@ -158,7 +158,7 @@ def test_variant_exports_exactly(exported, name):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_inexact_targets_refused(exported, name, tmp_path):
     from hyperp_megatron.convert.export import export
-    from hyperp_megatron.convert.targets import registry
+    from hyperp_megatron.convert.registry import registry
 
     cfg, exact = exported[name]["cfg"], VARIANTS[name][1]
     for target in TARGETS:

@@ -15,7 +15,8 @@ from hyperp_megatron.convert.hf_io import (
     special_token_ids,
     staged_directory,
 )
-from hyperp_megatron.convert.targets import SpecialTokens, Target, choose
+from hyperp_megatron.convert.registry import choose
+from hyperp_megatron.convert.targets import SpecialTokens, Target
 
 BLOCK = "hyperp_megatron"
 """The config.json key recording what the export did (read back by the import)."""
