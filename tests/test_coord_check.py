@@ -4,6 +4,7 @@ fails for the standard-parameterization control, on small widths and a few steps
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
@@ -16,6 +17,7 @@ def load_tool():
     """``tools/coord_check.py`` as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("coord_check", os.path.join(REPO, "tools", "coord_check.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
