@@ -36,8 +36,8 @@ KINDS = ("hidden_matrix", "output", "embedding", "norm", "bias")
 """What a role is to the method (HYPERP.md section 1): hidden matrices live on spheres; the output layer,
 embeddings, norm gains and biases do not."""
 
-ROUTED_EXPERT = re.compile(
-    r"mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight"  # SequentialMLP: local expert i
+ROUTED_EXPERT = re.compile(  # also a bare MoE layer's names (``experts.*``, tests build one)
+    r"(?:^|(?<=\.))(?:mlp\.)?experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight"  # SequentialMLP: local expert i
     r"|linear_fc([12])\.weight(\d+))$"  # grouped GEMM: weight{i}
 )
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
@@ -68,9 +68,9 @@ ROLES: tuple[Role, ...] = (
     _role("qkv", r"self_attention\.linear_qkv\.weight$", "hidden_matrix"),
     _role("attention_out", r"self_attention\.linear_proj\.weight$", "hidden_matrix"),
     _role("attention_gate", r"self_attention\.linear_gate\.weight$", "hidden_matrix"),
-    _role("mlp", r"mlp\.linear_fc[12]\.weight$", "hidden_matrix"),
-    _role("shared_expert", r"mlp\.shared_experts\.linear_fc[12]\.weight$", "hidden_matrix"),
-    _role("router", r"mlp\.router\.weight$", "hidden_matrix"),
+    _role("mlp", r"(?:^|mlp\.)linear_fc[12]\.weight$", "hidden_matrix"),
+    _role("shared_expert", r"(?:^|\.)shared_experts\.linear_fc[12]\.weight$", "hidden_matrix"),
+    _role("router", r"(?:^|\.)router\.weight$", "hidden_matrix"),
     _role("routed_expert", ROUTED_EXPERT, "hidden_matrix"),
     _role("output", r"^output_layer\.weight$", "output"),
     _role("embedding", r"^embedding\.word_embeddings\.weight$", "embedding"),
@@ -137,10 +137,10 @@ def canonical_names(model: torch.nn.Module, pg_collection) -> dict[str, str]:
             canonical = _LOCAL_EXPERT.sub(f"local_experts.{global_id}.", canonical)
         grouped = ROUTED_EXPERT.search(canonical)
         if grouped and grouped.group(3) is not None:
-            experts = _submodule(model, name[: ROUTED_EXPERT.search(name).start()] + "mlp.experts")
+            experts = _submodule(model, name[: name.rindex("experts.")] + "experts")
             global_id = pg_collection.ep.rank() * experts.num_local_experts + int(grouped.group(4))
-            canonical = (canonical[: grouped.start()]
-                         + f"mlp.experts.local_experts.{global_id}.linear_fc{grouped.group(3)}.weight")
+            canonical = (canonical[: canonical.rindex("experts.")]
+                         + f"experts.local_experts.{global_id}.linear_fc{grouped.group(3)}.weight")
         names[name] = canonical
     return names
 
