@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from hyperp_megatron.data import get_batch
+from hyperp_megatron.data.datasets import get_batch
 from hyperp_megatron.model.moe import pop_local_aux_loss
 
 

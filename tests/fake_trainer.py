@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from hyperp_megatron.config import load_config, parse_overrides
-from hyperp_megatron.transfer import derive
+from hyperp_megatron.derived import derive
 
 
 def main(argv):
