@@ -78,13 +78,22 @@ def _derived_values(cfg: Config, world_size: int, vocab_size: int) -> tuple[floa
     return derived.lr, derived.to_dict()
 
 
+def uses_tf32(cfg: Config, device: torch.device) -> bool:
+    """TF32 for fp32 matmuls: on a GPU with ``train.tf32``, never under ``train.deterministic``."""
+    return device.type == "cuda" and cfg.train.tf32 and not cfg.train.deterministic
+
+
 def configure_numerics(cfg: Config, device: torch.device) -> None:
-    """Deterministic algorithms when ``train.deterministic`` (process-wide; the entry point sets the cuBLAS
-    workspace variable they need before CUDA starts). TF32 stays as torch's default: off for matmuls."""
+    """Process-wide numerics, decided once for the device: deterministic algorithms when
+    ``train.deterministic`` (the entry point sets the cuBLAS workspace variable they need before CUDA
+    starts) and TF32 for fp32 matmuls / convolutions (:func:`uses_tf32`)."""
     if device.type == "cuda":
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         torch.backends.cudnn.deterministic = cfg.train.deterministic
         torch.backends.cudnn.benchmark = False
+        tf32 = uses_tf32(cfg, device)
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # = cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None) -> Session:

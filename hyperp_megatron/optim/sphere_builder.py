@@ -183,6 +183,14 @@ def matrix_weight_decay(cfg: Config) -> float:
     return cfg.optim.weight_decay
 
 
+def ns_compute_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
+    """``optim.ns_dtype`` -> the dtype of the Newton-Schulz iterations ('auto': bf16 on a GPU, fp32 on the
+    CPU, where the parity tests compare with the fp32 reference)."""
+    if ns_dtype == "auto":
+        ns_dtype = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[ns_dtype]
+
+
 def torch_param_groups(assignments: list[ParamAssignment], weight_decay: float,
                        peak_lr: float | None = None) -> list[dict]:
     """One torch param group per rule (in first-seen order); elementwise AdamW has weight decay 0.
@@ -230,6 +238,7 @@ def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection,
     assignments = assign_parameters(model_chunks, o.name, pg_collection, o.expert_sphere)
     logger.info("optimizer roles: %s", role_table(assignments))
     weight_decay = matrix_weight_decay(cfg)
+    ns_dtype = ns_compute_dtype(o.ns_dtype, next(model_chunks[0].parameters()).device)
     optimizers = []
     for is_expert in (False, True):
         members = [a for a in assignments if a.layout.is_expert == is_expert]
@@ -239,7 +248,7 @@ def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection,
             torch_param_groups(members, weight_decay, peak_lr or o.lr),
             {a.param: a.layout for a in members},
             lr=o.lr, momentum=o.momentum, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-            weight_decay=weight_decay, ns_mode=o.ns_mode,
+            weight_decay=weight_decay, ns_mode=o.ns_mode, ns_compute_dtype=ns_dtype,
             # Layer-wise groups: the DP group that holds replicas of these parameters (dense: DP x CP
             # as Megatron's DDP reduces them; routed experts: the expert-data-parallel group).
             layer_wise_dp_group=pg_collection.dp_cp if layer_wise and not is_expert else None,
