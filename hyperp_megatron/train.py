@@ -127,8 +127,11 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     tf_config = chunks[0].config
     if cfg.train.precision == "bf16":
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
+    # DP > 1: the gradient all-reduce (reduce-scatter) of each bucket starts during the backward pass of
+    # the last micro-batch, as soon as its gradients are ready.
+    data_parallel = pg_collection.dp_cp.size() > 1 or pg_collection.expt_dp.size() > 1
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=data_parallel,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer and cfg.optim.name == "adamw",
     )
     chunks = [DistributedDataParallel(tf_config, ddp_config, chunk, pg_collection=pg_collection)
@@ -265,7 +268,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
         metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
-                                      poison_loss=state.step + 1 in cfg.debug.nan_at_steps)
+                                      poison_loss=state.step + 1 in cfg.debug.nan_at_steps, preemption=preemption)
+        preempted = metrics.pop("preempted")  # agreed by all ranks inside the step's one host read
         state.step += 1
         state.consumed_samples += t.global_batch_size
         step_time = time.perf_counter() - started
@@ -291,7 +295,6 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         if state.step % t.log_interval == 0 or is_last:
             s.logger.print_progress(state.step, {k: v for k, v in metrics.items()
                                                  if k != "update_successful" and not k.startswith(MONITOR_PREFIX)})
-        preempted = preemption is not None and preemption.agreed(s.device)
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or preempted or (
                 is_last and cfg.checkpoint.save_final):
             ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep,
