@@ -71,9 +71,9 @@ def test_loop_collectives_use_the_passed_device(collective_devices):
     pg_collection = types.SimpleNamespace(tp=one_rank, dp=one_rank)
     meta_model = [torch.nn.Linear(2, 2, device=META)]
     calls = [
-        lambda: step._all_ranks_finite(1.0, 1.0, False, META),
+        lambda: step.agree_on_step(torch.zeros(2, device=META), torch.ones((), device=META), False,
+                                   torch.zeros((), device=META), False, META),
         lambda: step._mean_loss_over_world([], pg_collection, True, META),
-        lambda: step._aux_loss_over_world([], pg_collection, 1, META),
         lambda: PreemptionFlag().agreed(META),
         lambda: checkpoint._check_finite_weights(meta_model, 1, META),
     ]
