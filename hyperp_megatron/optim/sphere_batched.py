@@ -40,7 +40,7 @@ class MatrixBatch:
     group_index: int
     full_shape: tuple[int, int]
     radius: torch.Tensor | None = None  # (batch,) fp32, stacked from the state
-    radius_key: tuple = field(default_factory=tuple)
+    radius_key: tuple = field(default_factory=tuple)  # ((state tensor, its _version), ...) it came from
 
     @property
     def first(self):
@@ -159,11 +159,15 @@ def _radius(batch: MatrixBatch, state: dict, weight_sq: torch.Tensor, fresh: set
         for (planned, index), value in zip(batch.items, weight_sq.unbind()):
             if planned in fresh:
                 state[planned.param]["radius"][index] = value.sqrt()
-    states = [state[planned.param] for planned, _ in batch.items]
-    key = tuple((id(s["radius"]), s["radius"]._version) for s in states)
-    if batch.radius is None or key != batch.radius_key:
-        batch.radius = torch.stack([s["radius"][index] for s, (_, index) in zip(states, batch.items)])
-        batch.radius_key = key
+    sources = [state[planned.param]["radius"] for planned, _ in batch.items]
+    versions = [source._version for source in sources]
+    # The cache holds the source tensors themselves (not ids, which a replaced tensor's successor may reuse).
+    cached = batch.radius_key
+    if batch.radius is None or len(cached) != len(sources) or any(
+            old is not new or old_version != version
+            for (old, old_version), new, version in zip(cached, sources, versions)):
+        batch.radius = torch.stack([source[index] for source, (_, index) in zip(sources, batch.items)])
+        batch.radius_key = tuple(zip(sources, versions))
     return batch.radius
 
 
