@@ -215,7 +215,8 @@ class SphereMuon(torch.optim.Optimizer):
         layer_wise_dp_group / layer_wise_expert_dp_group: the data-parallel group over which dense /
             expert (``is_expert``) parameters are split layer-wise; None = updated on every rank.
         batched: True (default): the matrix rules in same-shape batches across layers
-            (``sphere_batched``; shared spheres use the loop); False: the per-matrix loop (same math).
+            (``sphere_batched``; shared spheres use the loop); False: the per-matrix loop (same math;
+            ``ParamLayout.batch_key`` decides its Newton-Schulz batches).
     """
 
     def __init__(
