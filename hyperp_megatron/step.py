@@ -84,8 +84,9 @@ def agree_on_step(loss_sums: torch.Tensor, grad_norm: torch.Tensor, found_inf: b
     Returns floats: ``loss`` (mean over the contributing ranks), ``grad_norm``, ``aux_sum`` (world sum),
     ``skipped`` (non-finite loss or gradient norm, or an inf found, on any rank) and ``preempted`` (any rank).
     """
-    flags = torch.stack([(~torch.isfinite(grad_norm)).double() + float(found_inf), aux_loss.double(),
-                         torch.tensor(float(preempt), dtype=torch.float64, device=device)])
+    # Host values enter as kernel scalars (torch.tensor(x, device=cuda) would be a synchronizing copy).
+    preempted = torch.zeros((), dtype=torch.float64, device=device) + float(preempt)
+    flags = torch.stack([(~torch.isfinite(grad_norm)).double() + float(found_inf), aux_loss.double(), preempted])
     packed = torch.cat([loss_sums.double(), flags])
     # World all-reduce (SUM): the loss from the last stage's TP-rank-0 processes of every DP replica, the
     # aux-loss shares of every rank, and any rank's non-finite flag or preemption signal reach all ranks.
@@ -102,7 +103,7 @@ def _local_loss_sums(losses: list[dict], pg_collection, is_last_stage: bool, dev
     value = torch.zeros(2, dtype=torch.float64, device=device)
     if is_last_stage and pg_collection.tp.rank() == 0 and losses:
         value[0] = torch.stack([d["lm loss"] for d in losses]).double().mean()
-        value[1] = 1.0
+        value[1].fill_(1.0)  # a kernel scalar, not a host-to-device copy
     return value
 
 
