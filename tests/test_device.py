@@ -354,3 +354,29 @@ def test_no_cpu_device_defaults():
                 found += [f"{name}:{node.name}" for arg, default in zip(args, defaults)
                           if arg.arg == "device" and isinstance(default, ast.Constant) and default.value == "cpu"]
     assert not found, found
+
+
+@pytest.mark.parametrize("tf32, deterministic, expected", [(True, False, True), (True, True, False),
+                                                          (False, False, False)])
+def test_tf32_decided_once_with_the_device(tf32, deterministic, expected):
+    """configure_numerics: TF32 (matmul precision 'high', cuDNN) on a GPU with train.tf32, off under
+    train.deterministic; nothing changes on the CPU."""
+    from hyperp_megatron.config import Config
+    from hyperp_megatron.train import configure_numerics
+
+    cfg = Config()
+    cfg.train.tf32, cfg.train.deterministic = tf32, deterministic
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    try:
+        configure_numerics(cfg, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == saved[0]
+        configure_numerics(cfg, torch.device("cuda", 0))  # sets flags only; no CUDA call
+        assert (torch.get_float32_matmul_precision() == "high") is expected
+        assert torch.backends.cudnn.allow_tf32 is expected
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+        torch.use_deterministic_algorithms(saved[2])
+        torch.backends.cudnn.deterministic = saved[3]
