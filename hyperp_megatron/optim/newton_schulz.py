@@ -49,6 +49,7 @@ def _quintic_iterations(
     x = wide / (squared_norm.sqrt() + NORM_EPS)
     # beta * bias + alpha * left @ right in one GEMM call (no separate elementwise passes over x).
     fused = torch.addmm if x.dim() == 2 else torch.baddbmm
+    spare = torch.empty_like(x)  # x and spare alternate as the iterate: no (..., short, long) allocation per step
     for a, b, c in NS5_COEFFICIENTS:
         gram = x @ x.mT  # (..., short, short)
         if sum_over_shards is not None:
@@ -56,7 +57,7 @@ def _quintic_iterations(
             # round trip: a bf16 GEMM's output converts to fp32 and back exactly.)
             gram = sum_over_shards(gram.float()).to(x.dtype)
         polynomial = fused(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = fused(x, polynomial, x, beta=a)  # a X + (b A + c A^2) X
+        x, spare = fused(x, polynomial, x, beta=a, out=spare), x  # a X + (b A + c A^2) X
     return x
 
 
