@@ -31,6 +31,7 @@ def _count_worker(rank: int, world_size: int) -> dict:
     from hyperp_megatron.config import load_config, validate
     from hyperp_megatron.op_counters import count_host_syncs
     from hyperp_megatron.resilience import PreemptionFlag
+    from hyperp_megatron.step import global_grad_norm
 
     apply_cpu_patches()
     results = {}
@@ -47,11 +48,13 @@ def _count_worker(rank: int, world_size: int) -> dict:
             if rank == 1:
                 flag.signum = 15
             third = s.runner.train_step(iterator, preemption=flag)
+            # The step's norm is Megatron's (the same gradients and groups), here on the clipped gradients.
+            norms = (global_grad_norm(s.optimizer, s.device).item(), s.optimizer.get_grad_norm())
             steps = [state["step"] for leaf in _leaves(s.optimizer) for state in leaf.optimizer.state.values()
                      if torch.is_tensor(state.get("step"))]
             results[name] = {"syncs": records, "host_step_counts": {t.data_ptr() for t in steps if t.is_cpu}, "overlap": s.model_chunks[0].ddp_config.overlap_grad_reduce,
                              "skipped": metrics["skipped"], "preempted": [metrics["preempted"], third["preempted"]],
-                             "aux_loss": metrics.get("aux_loss")}
+                             "aux_loss": metrics.get("aux_loss"), "norms": norms}
             if name == "sphere_muon":  # control: Megatron's own step (norm, clip, step) after prepare_grads
                 s.runner.train_step(iterator)
                 s.optimizer.prepare_grads()
@@ -99,6 +102,8 @@ def test_one_host_sync_per_training_step(counted, name):
         assert result["preempted"] == [False, True]  # a signal on rank 1 reaches every rank in the same step
         if name == "moe":
             assert result["aux_loss"] > 0
+        ours, megatron = result["norms"]
+        assert abs(ours - megatron) <= 1e-6 * megatron, result["norms"]
 
 
 def test_control_megatron_step_reads_its_norm_once(counted):
