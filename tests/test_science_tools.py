@@ -198,3 +198,24 @@ def test_shipped_sweep_specs_plan_and_every_run_config_loads(name, tmp_path, mon
         load_config(spec.base_config, sweep.nested_overrides(run.overrides))
     monkeypatch.chdir(tmp_path)  # the run keys do not depend on the working directory
     assert [r.key for r in sweep.plan(sweep.load_spec(REPO / "sweeps" / name))] == [r.key for r in runs]
+
+
+def test_norm_transfer_counts_a_sweep_shared_by_two_ladders_once():
+    """The base point is in the tokens and the batch ladder: alone, it is one optimum, not two that agree."""
+    from hyperp_megatron.science import claims
+    from hyperp_megatron.science.results import Row, RunResult
+
+    def sweep(scale, keys, norms, optimum_lr):
+        rows = [Row("hyperp", scale, lr, 1, RunResult(key, "done", 3.0, lr, None, None, None, None,
+                                                      monitors={"output_rms_inf": norm}))
+                for key, lr, norm in zip(keys, (0.05, 0.1, 0.2), norms)]
+        optimum = fit.fit_optimum({0.05: [3.1], 0.1: [3.0], 0.2: [3.1]})
+        assert optimum is not None and math.isclose(optimum.lr, optimum_lr, rel_tol=0.05)
+        return claims.Sweep("tokens", "hyperp", scale, {}, optimum, rows)
+
+    base = sweep("T0", ("a", "b", "c"), (1.0, 2.0, 4.0), 0.1)
+    shared = {"tokens": [base], "batch": [sweep("B0", ("a", "b", "c"), (1.0, 2.0, 4.0), 0.1)]}
+    verdict = claims.norm_transfer_verdict(shared, [])
+    assert verdict.verdict == claims.OPEN and "too few optima" in verdict.why, verdict
+    distinct = {"tokens": [base], "batch": [sweep("B1", ("d", "e", "f"), (1.0, 2.0, 4.0), 0.1)]}
+    assert claims.norm_transfer_verdict(distinct, []).verdict == claims.HOLDS

@@ -228,8 +228,10 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None
 
 
 def worker_pids(proc: subprocess.Popen) -> list[int]:
+    """The trainer processes torchrun started: its direct children (a worker's own helpers, e.g. the
+    checkpoint writer's Manager, are forked with the worker's command line, so they match it too)."""
     pids = []
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    for child in psutil.Process(proc.pid).children(recursive=False):
         try:  # a short-lived helper process may exit (or be a zombie) while we look
             cmdline = " ".join(child.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):

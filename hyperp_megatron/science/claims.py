@@ -240,13 +240,19 @@ def norm_at_optimum(sweep: Sweep, key: str) -> float | None:
 
 def norm_transfer_verdict(groups: dict[str, list[Sweep]], rows, key: str = "output_rms_inf") -> Verdict:
     incomplete = _incomplete(rows)
-    optimal, everything = {}, []
+    optimal, everything, seen = {}, {}, set()
     for group, group_sweeps in groups.items():
         for sweep in group_sweeps:
+            runs = frozenset(r.run.key for r in sweep.rows)
+            if runs in seen:  # the base point belongs to both ladders: one sweep, one optimum
+                continue
+            seen.add(runs)
             value = norm_at_optimum(sweep, key)
             if value is not None:
                 optimal[f"{group}/{sweep.scale}"] = value
-            everything += [r.run.monitors[key] for r in sweep.rows if r.run.finite and r.run.monitors.get(key)]
+            everything |= {r.run.key: r.run.monitors[key] for r in sweep.rows
+                           if r.run.finite and r.run.monitors.get(key)}
+    everything = list(everything.values())
     rule = ("spread = sd of log(norm); holds if the optimal runs' spread is < 0.3 x the whole grid's and their "
             "max/min < 1.25; does not hold if the ratio is > 0.5 and max/min > 1.5")
     if len(optimal) < 2 or len(everything) < 3:
