@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hyperp_megatron.transfer import ModelShape, flops_per_token
+from hyperp_megatron.budget import ModelShape, flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = "configs/tiny.yaml"

@@ -7,7 +7,7 @@ Layout of ``<run_dir>/checkpoints``::
         train_state.json    step, consumed samples, config, derived values
         rng_rank00000.pt    per-rank RNG states: python, numpy, torch CPU, CUDA and Megatron's
                             tensor-parallel RNG tracker; restored only under the same layout key
-    step_000100.tmp-<n>/    being written; never loaded, removed when found stale
+    step_000100.tmp/        being written; never loaded, removed by the next save
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
 A checkpoint becomes visible only when complete: all ranks write into a temporary directory, rank 0
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hyperp_megatron.model.params import unwrap
 from hyperp_megatron.resilience import PREEMPTION_SIGNALS
 
 MANIFEST = "manifest.json"
@@ -194,16 +195,6 @@ def load_rng(ckpt_dir: Path, rank: int, key: dict, device: torch.device) -> str 
 
 def _default_rng_key(device: torch.device) -> dict:
     return {"world_size": dist.get_world_size(), "device": device.type}
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers (checkpoints hold the bare model's keys)."""
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-
-    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
-        chunk = chunk.module
-    return chunk
 
 
 def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) -> dict:

@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
+"""``model.attention_backend`` (``model/sdpa_attention.py``); only 'megatron_local' keeps s x s scores."""
+
 
 @dataclass
 class MoEConfig:
@@ -101,7 +104,8 @@ class ModelConfig:
     """Keep the residual stream in fp32 in bf16 runs, as the HyperP reference (norms read it in fp32 and
     hand bf16 to the linear layers; model/residual.py). No effect in fp32 runs."""
     init_method_std: float = 0.02
-    """Init std for 'standard' parameterization (and the output layer under HyperP)."""
+    """Init std of the 'standard' parameterization (HyperP's and the 'muon' baseline's init has fixed scales,
+    model/init.py)."""
     transformer_impl: str = "auto"
     """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine' (refused
     without TE and a GPU)."""
@@ -114,7 +118,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.parameterization", self.parameterization, ("hyperp", "muon", "standard"))
-        _check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "megatron_local"))
+        _check_choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
                      "rotary_base"):
             if getattr(self, name) < 1:
@@ -355,7 +359,8 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the run directory's latest complete checkpoint if there is one."""
     load: str | None = None
-    """Load this checkpoint directory (or run directory) instead of the run's own latest."""
+    """Start from this checkpoint directory (or checkpoints root) while the run has none of its own; once it has
+    (a requeue or restart), it continues from its own latest (with checkpoint.resume)."""
     keep: int = 2
     """Complete checkpoints to keep (older ones are deleted; 0 keeps all)."""
 
@@ -591,7 +596,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Checks that need several sections or the world size; raises ValueError naming what to change."""
+    """Checks that need several sections, the world size or the file system (the entry point's, before any heavy
+    work); raises ValueError naming what to change."""
+    check_layout(cfg, world_size)
+    check_paths(cfg)
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """THE layout check: whether the parallel layout fits the model, the batch and the world size (pure;
+    ``derived.derive`` runs it too, so the planner refuses what the trainer refuses). ValueError otherwise."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     model_parallel = p.tensor * p.pipeline
     if world_size % model_parallel:
@@ -650,6 +663,10 @@ def validate(cfg: Config, world_size: int) -> None:
                              f"divisible by parallel.tensor ({p.tensor}): the shared expert is tensor-parallel")
     elif p.expert > 1:
         raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
+
+
+def check_paths(cfg: Config) -> None:
+    """The files and directories the config names exist (data, tokenizer, checkpoint to load)."""
     for prefix in cfg.data.prefixes:
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():

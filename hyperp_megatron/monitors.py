@@ -31,9 +31,9 @@ their layer mean is the quadratic mean ``sqrt(mean_l rms_l^2)``, as the paper's 
 
 and, once per monitor step: ``grad_norm_matrix`` / ``grad_norm_other`` (pre-clip, over Megatron's
 grad-norm groups, so ``matrix^2 + other^2 = grad_norm^2``; hidden matrices = the sphere-Muon roles of
-``optim.param_groups``), ``lr/<optimizer>.<group>`` (every param group of every rank) and
-``sphere_radius_drift`` = max over sphere pieces of ``| ||W|| / R - 1 |`` (sphere Muon only; ``R`` from
-the optimizer state); the operator norms of ``operator_norms.OperatorNormMonitor`` (``monitor.operator_norms``):
+``model.params``), ``lr/<optimizer>.<group>`` (every param group of every rank) and
+``sphere_radius_drift`` = max over sphere pieces of ``| ||W|| / R - 1 |`` (sphere Muon only;
+``SphereMuon.radius_drift``); the operator norms of ``operator_norms.OperatorNormMonitor`` (``monitor.operator_norms``):
 ``output_rms_inf``, ``output_rms_rms`` and, with 'all', ``hidden_rms_rms_mean`` / ``_max`` and
 ``hidden_spectral_ratio_mean``.
 
@@ -59,7 +59,12 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron.config import ModelConfig, MonitorConfig
+from hyperp_megatron.model.params import role_of, unwrap
 from hyperp_megatron.operator_norms import OperatorNormMonitor
+from hyperp_megatron.optim.sphere_muon import leaf_optimizers, sphere_optimizers
+
+# Imports of megatron-core (and of the model modules built on it) sit inside functions: the trainer's entry point
+# imports this module before it validates the config, and megatron-core takes seconds to import.
 
 PREFIX = "monitor/"
 LAYER_STATS = ("attn_z", "router_z", "attn_rms", "mlp_rms", "attn_outlier_pct", "mlp_outlier_pct")
@@ -134,30 +139,18 @@ def max_violation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_matrix_ids(model_chunks) -> set[int]:
-    """ids of the hidden weight matrices: the parameters whose optimizer role
-    (``optim.param_groups.role_of``) is a sphere-Muon matrix (QKV, output projection, fc1/fc2, router,
-    experts, gate). Embeddings, the output layer, norm gains, biases and any parameter no role knows
-    count as 'other'."""
-    from hyperp_megatron.checkpoint import unwrap
-    from hyperp_megatron.optim.param_groups import role_of
-
+    """ids of the hidden weight matrices: the parameters whose role (``model.params.role_of``) is a hidden
+    matrix (QKV, output projection, fc1/fc2, router, experts, gate). Embeddings, the output layer, norm
+    gains, biases and any parameter no role knows count as 'other'."""
     ids = set()
     for chunk in model_chunks:
         for name, param in unwrap(chunk).named_parameters():
             try:
-                if role_of(name).is_matrix:
+                if role_of(name).is_hidden_matrix:
                     ids.add(id(param))
-            except ValueError:  # unknown to the optimizer roles: 'other'
+            except ValueError:  # unknown to the roles: 'other'
                 pass
     return ids
-
-
-def _leaf_optimizers(optimizer) -> list:
-    """Megatron optimizers inside a (possibly chained) Megatron optimizer, in a rank-independent order."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is None:
-        return [optimizer]
-    return [leaf for inner in chained for leaf in _leaf_optimizers(inner)]
 
 
 _MAIN_PARAM_GROUPS = (  # (model params, the optimizer's own copies), index-aligned, per Megatron class
@@ -190,7 +183,7 @@ def gradient_norms(optimizer, matrix_ids: set[int], device: torch.device) -> tup
     from megatron.core.transformer.module import param_is_not_shared
 
     total = None
-    for leaf in _leaf_optimizers(optimizer):
+    for leaf in leaf_optimizers(optimizer):
         model_of = _model_param_of(leaf)
         params = leaf.get_parameters()
         grads: tuple[list, list] = ([], [])  # (hidden matrices, other)
@@ -214,7 +207,7 @@ def learning_rates(optimizer) -> dict[str, float]:
     or ``<optimizer index>.group<index>`` (Megatron's). Collective: pipeline stages hold different
     groups (the output layer's only on the last), so the names are gathered over the world."""
     local = {}
-    for leaf_index, leaf in enumerate(_leaf_optimizers(optimizer)):
+    for leaf_index, leaf in enumerate(leaf_optimizers(optimizer)):
         for group_index, group in enumerate(leaf.param_groups):
             local[f"{leaf_index}.{group.get('rule', f'group{group_index}')}"] = float(group["lr"])
     gathered = [None] * dist.get_world_size()
@@ -222,54 +215,14 @@ def learning_rates(optimizer) -> dict[str, float]:
     return {name: lr for rank_lrs in gathered for name, lr in sorted(rank_lrs.items())}
 
 
-def _sphere_optimizers(optimizer) -> list:
-    """The SphereMuon instances inside a Megatron optimizer (empty when it is not sphere Muon)."""
-    from hyperp_megatron.optim.sphere_muon import SphereMuon
-
-    found = []
-    for leaf in _leaf_optimizers(optimizer):
-        inner = leaf
-        while inner is not None and not isinstance(inner, SphereMuon):
-            inner = getattr(inner, "optimizer", None)
-        if inner is not None:
-            found.append(inner)
-    return found
-
-
 @torch.no_grad()
 def sphere_radius_drift(optimizer) -> float | None:
-    """max over sphere pieces (Q/K/V separately, experts separately) of ``| ||W|| / R - 1 |``.
-
-    ``||W||^2`` is summed over the group that shards each matrix (one all-reduce per group, every
-    sphere matrix on every rank so the collectives line up); ``R`` is the optimizer state ``radius``,
-    held only where the matrix is updated (layer-wise DP: one DP rank). None without sphere Muon.
-    """
-    from hyperp_megatron.optim.sphere_muon import SPHERE_RULES, sum_shared_spheres
-
-    spheres = _sphere_optimizers(optimizer)
+    """max over sphere pieces (Q/K/V separately, experts separately) of ``| ||W|| / R - 1 |`` (each
+    ``SphereMuon.radius_drift``, then a world MAX); None without sphere Muon."""
+    spheres = sphere_optimizers(optimizer)
     if not spheres:
         return None
-    by_group: dict[int, tuple] = {}
-    for sphere in spheres:
-        # The optimizer's per-parameter plan: shard group and Q/K/V piece split, as its step uses them.
-        for planned in sphere._get_plan():
-            if planned.layout.rule not in SPHERE_RULES:
-                continue
-            weight = planned.param.detach().float()
-            radius = sphere.state.get(planned.param, {}).get("radius")
-            group = planned.shard_group
-            by_group.setdefault(id(group), (group, []))[1].append((planned, planned.piece_sums(weight, weight), radius))
-    drift = torch.zeros((), dtype=torch.float64, device=spheres[0].param_groups[0]["params"][0].device)
-    for group, items in by_group.values():
-        flat = torch.cat([squares for _, squares, _ in items])
-        if group is not None:
-            dist.all_reduce(flat, group=group)  # the TP / expert-TP group sharding these matrices
-        # Shared spheres (optim.expert_sphere per_layer): the norm of all members together (EP all-reduce).
-        summed = sum_shared_spheres([planned for planned, _, _ in items],
-                                    list(flat.split([len(s) for _, s, _ in items])))
-        for squares, (_, _, radius) in zip(summed, items):
-            if radius is not None:
-                drift = torch.maximum(drift, (squares.sqrt() / radius - 1).abs().max().double())
+    drift = torch.stack([sphere.radius_drift() for sphere in spheres]).max()
     # World all-reduce (MAX): layers on PP stages, R only on the DP rank that updates a matrix.
     dist.all_reduce(drift, op=dist.ReduceOp.MAX)
     return float(drift)
@@ -281,8 +234,6 @@ def sphere_radius_drift(optimizer) -> float | None:
 
 def _transformer_layers(model_chunks) -> list:
     """(global 0-based layer index, layer) of this rank's pipeline stage."""
-    from hyperp_megatron.checkpoint import unwrap
-
     layers = []
     for chunk in model_chunks:
         decoder = getattr(unwrap(chunk), "decoder", None)

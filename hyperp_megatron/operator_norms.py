@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hyperp_megatron.model.params import unwrap
+from hyperp_megatron.optim.sphere_muon import sphere_optimizers
+
 START_SEED = 20251003
 """Seed of the power iteration's start vectors (the same on every rank and layout)."""
 
@@ -166,8 +169,6 @@ class PowerIterationState:
 
 def output_layer_matrix(model_chunks, tp_group) -> ShardedMatrix | None:
     """The (untied) output layer of this rank's stage as a vocab-parallel ``ShardedMatrix``, else None."""
-    from hyperp_megatron.checkpoint import unwrap
-
     for chunk in model_chunks:
         layer = getattr(unwrap(chunk), "output_layer", None)
         if layer is not None and getattr(layer, "weight", None) is not None:
@@ -180,21 +181,14 @@ def output_layer_matrix(model_chunks, tp_group) -> ShardedMatrix | None:
 
 def hidden_matrices(optimizer) -> list[tuple[str, ShardedMatrix, bool]]:
     """(name, matrix, is_expert) of every hidden matrix piece (Q, K, V separately; each expert) that a
-    Newton-Schulz rule updates, from the optimizer's plan (sphere Muon / Muon; empty under AdamW).
+    Newton-Schulz rule updates (``SphereMuon.matrix_pieces``: sphere Muon / Muon; empty under AdamW).
 
     The pieces of a fused QKV are copies: call this when the current weights are wanted."""
-    from hyperp_megatron.monitors import _sphere_optimizers
-    from hyperp_megatron.optim.sphere_muon import MATRIX_RULES
-
     found = []
-    for index, sphere in enumerate(_sphere_optimizers(optimizer)):
-        for planned in sphere._get_plan():  # the step's own per-parameter layout (shards, Q/K/V split)
-            if planned.layout.rule not in MATRIX_RULES:
-                continue
-            for piece_index, piece in enumerate(planned.split_pieces(planned.param.detach())):
-                name = f"{index}.{id(planned.param)}.{piece_index}"
-                found.append((name, ShardedMatrix(piece, planned.shard_group, planned.layout.partition_dim),
-                              planned.layout.is_expert))
+    for index, sphere in enumerate(sphere_optimizers(optimizer)):
+        for piece in sphere.matrix_pieces():
+            name = f"{index}.{id(piece.param)}.{piece.index}"
+            found.append((name, ShardedMatrix(piece.local, piece.group, piece.partition_dim), piece.is_expert))
     return found
 
 

@@ -7,7 +7,7 @@ Usage::
     python -m hyperp_megatron.plan --config configs/cpu_ladder/d2.yaml --depths 2,4,6,8 --tokens config
 
 Every depth is the config's model family at that depth (``C/d``, ``heads/d``, ``ffn/C`` kept; see
-:meth:`~hyperp_megatron.transfer.ModelShape.at_depth`), trained for the default token budget
+:meth:`~hyperp_megatron.budget.ModelShape.at_depth`), trained for the default token budget
 ``T0 N(d)/N(d0)`` (``--tokens default``) or the config's ``train.steps`` (``--tokens config``), on the
 config's parallel layout unless ``--tp/--pp/--dp/--ep`` say otherwise (``--dp`` defaults to 1).
 """
@@ -22,7 +22,8 @@ import json
 import sys
 
 from hyperp_megatron.config import Config, load_config
-from hyperp_megatron.transfer import ModelShape, attention_keeps_scores, derive, resolve_vocab_size
+from hyperp_megatron.budget import ModelShape, attention_keeps_scores
+from hyperp_megatron.derived import derive, resolve_vocab_size
 
 COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
            "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "tp", "pp", "dp", "ep")
@@ -54,7 +55,8 @@ def config_at_depth(cfg: Config, depth: int, *, tp: int, pp: int, ep: int) -> Co
 
 def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = None, pp: int | None = None,
               dp: int = 1, ep: int | None = None, tokens: str = "default") -> list[dict]:
-    """One row per depth (default: the config's own), every value from :func:`transfer.derive`."""
+    """One row per depth (default: the config's own), every value from :func:`derived.derive` (whose layout
+    check is the trainer's: a layout the trainer refuses fails here with its message and the depth)."""
     if tokens not in ("default", "config"):
         raise ValueError(f"tokens must be 'default' (T0 N(d)/N(d0)) or 'config' (train.steps), got {tokens!r}")
     tp, pp, ep = tp or cfg.parallel.tensor, pp or cfg.parallel.pipeline, ep or cfg.parallel.expert
@@ -63,8 +65,11 @@ def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = 
             raise ValueError(f"--{name} must be >= 1, got {size}")
     rows = []
     for depth in depths or [cfg.model.num_layers]:
-        run = derive(config_at_depth(cfg, depth, tp=tp, pp=pp, ep=ep), tp * pp * dp,
-                     use_default_tokens=tokens == "default")
+        try:
+            run = derive(config_at_depth(cfg, depth, tp=tp, pp=pp, ep=ep), tp * pp * dp,
+                         use_default_tokens=tokens == "default")
+        except ValueError as exc:
+            raise ValueError(f"depth {depth}: {exc}") from None
         s = run.shape
         rows.append(dict(
             depth=s.depth, width=s.width, heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim,

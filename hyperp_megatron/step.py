@@ -10,8 +10,9 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from hyperp_megatron.data import get_batch
+from hyperp_megatron.data.datasets import get_batch
 from hyperp_megatron.model.moe import pop_local_aux_loss
+from hyperp_megatron.optim.sphere_muon import leaf_optimizers
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, poison: bool = False):
@@ -34,12 +35,6 @@ def forward_step(data_iterator, model, device: torch.device, poison_loss: bool =
     return output, functools.partial(_loss_func, batch["loss_mask"], poison=poison_loss)
 
 
-def _leaf_optimizers(optimizer) -> list:
-    """The Megatron optimizers inside a (possibly chained) Megatron optimizer."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    return [optimizer] if chained is None else [leaf for inner in chained for leaf in _leaf_optimizers(inner)]
-
-
 @torch.no_grad()
 def global_grad_norm(optimizer, device: torch.device) -> torch.Tensor:
     """The pre-clip gradient norm Megatron's ``get_grad_norm`` computes (the same gradients: no shared or
@@ -47,7 +42,7 @@ def global_grad_norm(optimizer, device: torch.device) -> torch.Tensor:
     all-reduce over its grad-stats group; no host sync (Megatron's fallback l2 norm without apex syncs once
     per gradient tensor)."""
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for leaf in _leaf_optimizers(optimizer):
+    for leaf in leaf_optimizers(optimizer):
         if getattr(leaf, "is_stub_optimizer", False):
             continue
         grads = leaf.get_main_grads_for_grad_norm()
@@ -67,7 +62,7 @@ def clip_and_step(optimizer, grad_norm: float) -> bool:
     gradients by ``clip_grad / grad_norm`` when below 1, then update (returns success)."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    for leaf in _leaf_optimizers(optimizer):
+    for leaf in leaf_optimizers(optimizer):
         params = [] if getattr(leaf, "is_stub_optimizer", False) else leaf.get_parameters()
         if params and leaf.config.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(params, max_norm=leaf.config.clip_grad, total_norm=grad_norm,

@@ -24,12 +24,13 @@ import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
 from hyperp_megatron import requeue
-from hyperp_megatron.config import Config, ConfigError, check_vocab_size, data_parallel_size, load_config, validate
+from hyperp_megatron.config import Config, ConfigError, check_vocab_size, load_config, validate
+from hyperp_megatron.data.tokenizer import load_tokenizer
+from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, write_derived
 from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
-from hyperp_megatron.transfer import derive, lr_at
 
 EXIT_NON_FINITE = 3
 """Exit status when training stops on non-finite values (consecutive skipped steps, or a refused checkpoint)."""
@@ -47,35 +48,25 @@ class Session:
     optimizer: object
     runner: object
     tokenizer: object
-    datasets: object  # data.DatasetSplits
+    datasets: object  # data.datasets.DatasetSplits
     logger: MetricsLogger
-    peak_lr: float
-    derived: dict
-
-
-def _dp_coords(pg_collection) -> tuple[int, int]:
-    return pg_collection.dp.rank(), pg_collection.dp.size()
+    derived: DerivedRun
+    """Every derived value (``derived.derive``, once): steps, LR schedule, weight decay, logit multiplier."""
+    ignored_settings: list[str]
+    """One line per setting without effect in this run (logged as warnings, in ``derived.json``)."""
 
 
 def _prepare_data(cfg: Config, rank: int):
     """Tokenizer and dataset prefixes: the embedded corpus (prepared by rank 0) or the configured ones."""
-    from hyperp_megatron import data as data_lib
+    from hyperp_megatron.data.corpus import load_embedded_corpus, prepare_embedded_corpus
 
     if cfg.data.prefixes:
-        return data_lib.load_tokenizer(cfg.data.tokenizer), cfg.data.prefixes
+        return load_tokenizer(cfg.data.tokenizer), cfg.data.prefixes
     if rank == 0:
-        data_lib.prepare_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+        prepare_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
     dist.barrier()
-    corpus = data_lib.load_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
-    return data_lib.load_tokenizer(corpus.tokenizer_dir), [str(corpus.data_prefix)]
-
-
-def _derived_values(cfg: Config, world_size: int, vocab_size: int) -> tuple[float, dict]:
-    """Peak LR and every derived value (HyperP transfer rules when ``hyperp.enabled``); under the
-    default token budget this also sets ``train.steps``."""
-    derived = derive(cfg, world_size, vocab_size=vocab_size)
-    cfg.train.steps = derived.steps
-    return derived.lr, derived.to_dict()
+    corpus = load_embedded_corpus(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+    return load_tokenizer(corpus.tokenizer_dir), [str(corpus.data_prefix)]
 
 
 def uses_tf32(cfg: Config, device: torch.device) -> bool:
@@ -105,8 +96,8 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    from hyperp_megatron import data as data_lib
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.data.datasets import build_datasets, num_samples_per_split
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.builder import build_optimizer
     from hyperp_megatron.parallel import init_model_parallel, process_group_device
     from hyperp_megatron.step import StepRunner
@@ -121,9 +112,13 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-    peak_lr, derived = _derived_values(cfg, world_size, vocab_size)
-    _check_before_model(cfg, tokenizer, prefixes)
-    chunks = build_model(cfg, pg_collection, vocab_size, device)
+    derived = derive(cfg, world_size, vocab_size=vocab_size)
+    _check_before_model(cfg, derived, tokenizer, prefixes)
+    ignored = ignored_settings(cfg, derived)
+    run_dir = Path(cfg.logging.run_dir)
+    if rank == 0:
+        write_derived(run_dir, derived, ignored)
+    chunks = build_model(cfg, pg_collection, vocab_size, device, logit_multiplier=derived.output_logit_multiplier)
     tf_config = chunks[0].config
     if cfg.train.precision == "bf16":
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
@@ -138,47 +133,42 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
               for chunk in chunks]
     tf_config.no_sync_func = chunks[0].no_sync
     tf_config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(cfg, chunks, pg_collection, peak_lr=peak_lr)
-
-    dp_size = data_parallel_size(cfg, world_size)
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    optimizer = build_optimizer(cfg, chunks, pg_collection, derived)
     runner = StepRunner(chunks, optimizer, pg_collection, cfg.model.seq_length, cfg.train.micro_batch_size,
-                        num_micro, device)
-    samples = data_lib.num_samples_per_split(cfg.train.steps, cfg.train.global_batch_size, 0, cfg.train.eval_iters)
-    datasets = data_lib.build_datasets(
+                        derived.num_micro_batches, device)
+    samples = num_samples_per_split(derived.steps, cfg.train.global_batch_size, 0, cfg.train.eval_iters)
+    datasets = build_datasets(
         prefixes, tokenizer, seq_length=cfg.model.seq_length, seed=cfg.train.seed, num_samples=samples,
         cache_dir=Path(cfg.data.cache_dir) / "index_cache", split=cfg.data.split,
         weights=cfg.data.weights or None,
     )
-    run_dir = Path(cfg.logging.run_dir)
-    logger = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+    logger = MetricsLogger(run_dir, derived.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress)
-    return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, peak_lr,
-                   derived)
+    return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, derived,
+                   ignored)
+
+
+def _data_iterator(s: Session, dataset, consumed_samples: int):
+    """Micro-batches of ``dataset`` for this data-parallel rank (pinned for a GPU)."""
+    from hyperp_megatron.data.datasets import build_data_iterator
+
+    return build_data_iterator(dataset, consumed_samples=consumed_samples, micro_batch_size=s.cfg.train.micro_batch_size,
+                               dp_rank=s.pg_collection.dp.rank(), dp_size=s.pg_collection.dp.size(),
+                               pin_memory=s.device.type == "cuda")
 
 
 def _train_iterator(s: Session, consumed_samples: int):
-    from hyperp_megatron import data as data_lib
-
-    dp_rank, dp_size = _dp_coords(s.pg_collection)
-    return data_lib.build_data_iterator(s.datasets.train, consumed_samples=consumed_samples,
-                                        micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                        dp_size=dp_size, pin_memory=s.device.type == "cuda")
+    return _data_iterator(s, s.datasets.train, consumed_samples)
 
 
 def evaluate(s: Session) -> float:
     """Validation loss on a fixed set: the first ``eval_iters`` global batches of the valid split."""
-    from hyperp_megatron import data as data_lib
-
-    dp_rank, dp_size = _dp_coords(s.pg_collection)
-    iterator = data_lib.build_data_iterator(s.datasets.valid, consumed_samples=0,
-                                            micro_batch_size=s.cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                            dp_size=dp_size, pin_memory=s.device.type == "cuda")
+    iterator = _data_iterator(s, s.datasets.valid, 0)
     return s.runner.evaluate(iterator, s.cfg.train.eval_iters * s.runner.num_microbatches)
 
 
 def _checkpoint_extra(s: Session) -> dict:
-    return {"config": s.cfg.to_dict(), "derived": s.derived, **run_info()}
+    return {"config": s.cfg.to_dict(), "derived": s.derived.to_dict(), **run_info()}
 
 
 def _rng_key(s: Session) -> dict:
@@ -187,23 +177,36 @@ def _rng_key(s: Session) -> dict:
     return layout_key(s.pg_collection, s.device)
 
 
-def _summary(derived: dict) -> str:
-    """One start-up line of the derived values (all of them are in run_info.json and checkpoints)."""
-    return (f"[hyperp] rules {derived['rules']} | N {derived['num_params'] / 1e6:.2f}M | "
-            f"tokens {derived['tokens']:.3g} in {derived['steps']} steps of {derived['batch_tokens']} | "
-            f"lr {derived['lr']:.4g} (depth x{derived['depth_factor']:.3g}, token x{derived['token_factor']:.3g}, "
-            f"batch x{derived['batch_factor']:.3g}) | train FLOPs {derived['train_flops']:.3g}")
+def _summary(d: DerivedRun) -> str:
+    """One start-up line of the derived values (all of them are in derived.json and checkpoints)."""
+    return (f"[hyperp] rules {d.rules} | N {d.num_params / 1e6:.2f}M | "
+            f"tokens {d.tokens:.3g} in {d.steps} steps of {d.batch_tokens} | "
+            f"lr {d.lr:.4g} (depth x{d.depth_factor:.3g}, token x{d.token_factor:.3g}, "
+            f"batch x{d.batch_factor:.3g}) | train FLOPs {d.train_flops:.3g}")
+
+
+def resume_roots(cfg: Config) -> list[Path]:
+    """Where a run may start from, in order of preference: its own checkpoints (``checkpoint.resume``; a
+    requeued or restarted run continues from its latest even when it began from ``checkpoint.load``), then
+    ``checkpoint.load`` (a checkpoint directory or a checkpoints root)."""
+    c = cfg.checkpoint
+    roots = [Path(cfg.logging.run_dir) / "checkpoints"] if c.resume else []
+    return roots + ([Path(c.load)] if c.load else [])
+
+
+def find_checkpoint(cfg: Config, log=print) -> Path | None:
+    """The checkpoint the run resumes from (:func:`resume_roots`, the first root with an intact one), or None."""
+    for root in resume_roots(cfg):
+        if cfg.checkpoint.load and root == Path(cfg.checkpoint.load) and (root / ckpt.MANIFEST).is_file():
+            return root  # a named checkpoint directory (ckpt.load verifies what it reads)
+        found = ckpt.find_resumable(root, log=log)
+        if found is not None:
+            return found
+    return None
 
 
 def maybe_resume(s: Session) -> ckpt.TrainState:
-    c = s.cfg.checkpoint
-    root = Path(c.load) if c.load else Path(s.cfg.logging.run_dir) / "checkpoints"
-    if c.load and (root / ckpt.MANIFEST).is_file():
-        found = root
-    elif c.resume or c.load:
-        found = ckpt.find_resumable(root, log=s.logger.message)
-    else:
-        found = None
+    found = find_checkpoint(s.cfg, log=s.logger.message)
     if found is None:
         return ckpt.TrainState()
     state, _ = ckpt.load(found, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
@@ -215,35 +218,32 @@ class RunFinished(Exception):
     """The run's checkpoint is already at (or past) ``train.steps``: nothing to train."""
 
 
-def _check_before_model(cfg: Config, tokenizer, prefixes: list[str]) -> None:
+def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str]) -> None:
     """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
-    bad value, RunFinished when resuming would leave no step to train."""
-    from hyperp_megatron import data as data_lib
+    bad value, RunFinished when resuming would leave no step to train (``derived.steps``)."""
+    from hyperp_megatron.data.datasets import check_split_documents
 
     check_vocab_size(cfg, tokenizer.vocab_size)
     for prefix in prefixes:
         try:
-            data_lib.check_split_documents(prefix, cfg.data.split)
+            check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:
             raise ConfigError(f"data.split: {exc}") from None
-    c = cfg.checkpoint
-    if not (c.resume or c.load):
-        return
-    found = ckpt.peek_resumable(Path(c.load) if c.load else Path(cfg.logging.run_dir) / "checkpoints")
-    if found is None or found[1] < cfg.train.steps:
+    found = next(filter(None, (ckpt.peek_resumable(root) for root in resume_roots(cfg))), None)
+    if found is None or found[1] < derived.steps:
         return
     # Verified here only when it ends the run (else maybe_resume verifies it, and falls back if damaged):
     # rank 0 hashes the files and tells every rank (world broadcast), so all stop or all go on.
     intact = [ckpt.verify(found[0]) is None if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(intact, src=0)
     if intact[0]:
-        raise RunFinished(f"run already at step {found[1]} >= train.steps {cfg.train.steps}: nothing to do "
+        raise RunFinished(f"run already at step {found[1]} >= the run's {derived.steps} steps: nothing to do "
                           "(raise train.steps to continue)")
 
 
 def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
           device: torch.device | None = None) -> dict:
-    """Train for ``cfg.train.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
+    """Train for the run's ``derived.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
     metrics (on every rank).
 
     With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
@@ -252,8 +252,10 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     from hyperp_megatron.optim.builder import set_learning_rate
 
     s = setup(cfg, world_size, rank, device)
-    t, ckpt_root = cfg.train, Path(cfg.logging.run_dir) / "checkpoints"
+    t, steps, ckpt_root = cfg.train, s.derived.steps, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
+    for line in s.ignored_settings:
+        s.logger.message(f"[hyperp] warning: {line}")
     state = maybe_resume(s)
     data_iterator = _train_iterator(s, state.consumed_samples)
     s.logger.start(state.step)
@@ -263,8 +265,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         s.logger.log(0, {"val_loss": result["first_val_loss"]})
     monitor = StabilityMonitor(cfg.monitor, cfg.model, s.model_chunks, s.optimizer, s.pg_collection)
     skips = SkipCounter(cfg.monitor.max_consecutive_skips)
-    while state.step < t.steps:
-        lr = lr_at(state.step, t.steps, s.peak_lr, cfg.optim.min_lr_ratio, cfg.optim.warmup_steps)
+    while state.step < steps:
+        lr = s.derived.lr_at(state.step)
         set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
         metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
@@ -281,7 +283,7 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         skipped = metrics.pop("skipped")
         state.skipped_steps += int(skipped)
         metrics["skipped_steps"] = state.skipped_steps
-        is_last = state.step == t.steps
+        is_last = state.step == steps
         if (t.eval_interval and state.step % t.eval_interval == 0) or is_last:
             metrics["val_loss"] = result["val_loss"] = evaluate(s)
         s.logger.log(state.step, metrics)

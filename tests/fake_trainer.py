@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperp_megatron.config import load_config, parse_overrides  # noqa: E402
-from hyperp_megatron.transfer import derive  # noqa: E402
+from hyperp_megatron.derived import derive  # noqa: E402
 
 
 def main(argv):

@@ -70,9 +70,9 @@ def _blockwise_sphere_muon(*args, **kwargs):
 
 def newton_schulz_per_shard():
     """The trainer's SphereMuon orthogonalizes each TP shard on its own (``ns_mode='blockwise'``)."""
-    from hyperp_megatron.optim import sphere_builder
+    from hyperp_megatron.optim import builder
 
-    return mock.patch.object(sphere_builder, "SphereMuon", _blockwise_sphere_muon)
+    return mock.patch.object(builder, "SphereMuon", _blockwise_sphere_muon)
 
 
 def moe_load_statistics_local():
@@ -96,10 +96,10 @@ def sequence_parallel_norm_grads_not_reduced():
     """Norm gains lose their ``sequence_parallel`` tag (``compat/without_te.py`` sets it): under sequence
     parallelism ``finalize_model_grads`` no longer sums their gradients over the TP ranks, each of
     which saw only its part of the sequence."""
-    from hyperp_megatron import model
+    from hyperp_megatron.model import gpt
 
-    return mock.patch.object(model, "build_model",
-                             functools.partial(_build_without_sequence_parallel_tags, model.build_model))
+    return mock.patch.object(gpt, "build_model",
+                             functools.partial(_build_without_sequence_parallel_tags, gpt.build_model))
 
 
 def reshard_without_optimizer_state():

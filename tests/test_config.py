@@ -128,7 +128,7 @@ def test_tiny_config_is_the_documented_main_job():
     """configs/tiny.yaml is what the README's main job describes: 4 layers, width 256, GQA 4/2 heads,
     8.1M parameters at the embedded 8192-token vocabulary, sphere Muon lr 0.05 decaying linearly to
     0.1x, 200 steps of 16 x 256 tokens, TP=2 on 2 processes."""
-    from hyperp_megatron.transfer import derive
+    from hyperp_megatron.derived import derive
 
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"))
     m, t = cfg.model, cfg.train

@@ -158,7 +158,7 @@ def test_variant_exports_exactly(exported, name):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_inexact_targets_refused(exported, name, tmp_path):
     from hyperp_megatron.convert.export import export
-    from hyperp_megatron.convert.targets import registry
+    from hyperp_megatron.convert.registry import registry
 
     cfg, exact = exported[name]["cfg"], VARIANTS[name][1]
     for target in TARGETS:
@@ -256,7 +256,7 @@ def test_round_trip_gives_our_weights_back(world, exported, name, tmp_path):
 def test_exported_tokenizer_encodes_like_the_trainer(exported, embedded_corpus):
     from transformers import AutoTokenizer
 
-    from hyperp_megatron.data import load_tokenizer
+    from hyperp_megatron.data.tokenizer import load_tokenizer
 
     ours_tok = load_tokenizer(embedded_corpus.tokenizer_dir)
     hf_tok = AutoTokenizer.from_pretrained(str(exported["hyperp_dense"]["hf"]), local_files_only=True)

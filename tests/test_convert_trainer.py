@@ -66,7 +66,7 @@ def logits_in_layout(cfg, ckpt_dir: Path, tokens: torch.Tensor):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from hyperp_megatron import checkpoint as ckpt
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     chunks = build_model(cfg, pg, VOCAB)

@@ -1,8 +1,10 @@
 """The coord check's flatness statistic passes for HyperP (sphere init, multipliers, sphere Muon) and
 fails for the standard-parameterization control, on small widths and a few steps of the real trainer."""
 
+import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
@@ -11,13 +13,22 @@ from _dist import run_distributed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_tool():
+    """``tools/coord_check.py`` as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("coord_check", os.path.join(REPO, "tools", "coord_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
 def coord_check_worker(rank, world_size, labels, tmp_dir):
     import warnings
 
     warnings.filterwarnings("ignore")
-    from hyperp_megatron import coord_check as cc
     from hyperp_megatron.compat import apply_cpu_patches
 
+    cc = load_tool()
     apply_cpu_patches()
     settings = cc.CoordCheckSettings(widths=[32, 64, 128], depths=[2, 4, 8], base_width=32, base_depth=2,
                                      head_dim=16, steps=3, seq_length=32, micro_batch_size=4, global_batch_size=4,
@@ -51,8 +62,7 @@ def test_standard_control_is_not_flat(report):
 
 
 def test_statistic_and_plot(report, tmp_path):
-    from hyperp_megatron import coord_check as cc
-
+    cc = load_tool()
     assert cc.log_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
     assert cc.log_slope([1, 2, 4], [5, 5, 5]) == pytest.approx(0.0)
     full = {"settings": {}, "quantities": list(cc.QUANTITIES), "sweeps": list(report.values())}

@@ -84,7 +84,7 @@ def test_loop_collectives_use_the_passed_device(collective_devices):
 
 
 def test_batches_go_to_the_passed_device():
-    from hyperp_megatron.data import get_batch
+    from hyperp_megatron.data.datasets import get_batch
 
     batch = {"tokens": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
              "loss_mask": torch.ones(2, 4), "position_ids": torch.arange(4).expand(2, 4)}
@@ -94,10 +94,11 @@ def test_batches_go_to_the_passed_device():
 
 
 def test_train_iterators_pin_memory_for_a_gpu(monkeypatch):
-    from hyperp_megatron import data, train
+    from hyperp_megatron import train
+    from hyperp_megatron.data import datasets
 
     seen = []
-    monkeypatch.setattr(data, "build_data_iterator", lambda dataset, **kwargs: seen.append(kwargs["pin_memory"]))
+    monkeypatch.setattr(datasets, "build_data_iterator", lambda dataset, **kwargs: seen.append(kwargs["pin_memory"]))
     for device in (GPU, torch.device("cpu")):
         session = types.SimpleNamespace(
             device=device, datasets=types.SimpleNamespace(train=None, valid=None),
@@ -120,7 +121,7 @@ def _tiny_cfg(**sections):
 
 
 def test_model_is_built_on_the_passed_device(pg_collection):
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
 
     cfg = _tiny_cfg(model={"moe": {"sparsity": 2, "granularity": 2}})
     (model,) = build_model(cfg, pg_collection, 256, device=META)
@@ -131,7 +132,7 @@ def test_model_is_built_on_the_passed_device(pg_collection):
 
 def test_gpu_transformer_config(pg_collection):
     from hyperp_megatron.compat import fused_kernel_flags
-    from hyperp_megatron.model import transformer_config
+    from hyperp_megatron.model.gpt import transformer_config
 
     config = transformer_config(_tiny_cfg(), pg_collection, device=GPU)
     assert not config.use_cpu_initialization and not config.deterministic_mode
@@ -154,7 +155,7 @@ def _importable(module: str) -> bool:
 
 def test_each_fused_flag_follows_its_kernel_module(monkeypatch, pg_collection):
     from hyperp_megatron.compat import without_te
-    from hyperp_megatron.model import transformer_config
+    from hyperp_megatron.model.gpt import transformer_config
 
     assert "scaled_masked_softmax_cuda" in without_te.FUSED_KERNEL_MODULES["masked_softmax_fusion"]
     on_gpu = without_te.fused_kernel_flags(GPU)

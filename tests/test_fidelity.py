@@ -42,9 +42,9 @@ def test_muon_decay_follows_the_schedule_not_the_lr_size(scale):
 
 def test_muon_baseline_groups_get_the_derived_peak_and_depth_scaled_decay(pg_collection):
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.builder import build_optimizer
-    from hyperp_megatron.transfer import derive
+    from hyperp_megatron.derived import derive
 
     cfg = load_config(None, merge(TINY, {
         "model": {"num_layers": 4, "parameterization": "muon"},
@@ -52,7 +52,7 @@ def test_muon_baseline_groups_get_the_derived_peak_and_depth_scaled_decay(pg_col
         "hyperp": {"enabled": True, "base_depth": 2, "base_lr": 0.05, "base_batch_tokens": 512}}))
     derived = derive(cfg, 1, vocab_size=256)
     chunks = build_model(cfg, pg_collection, 256)
-    optimizer = build_optimizer(cfg, chunks, pg_collection, peak_lr=derived.lr)
+    optimizer = build_optimizer(cfg, chunks, pg_collection, derived)
     groups = {g["rule"]: g for g in optimizer.param_groups}
     assert groups["muon"]["decay_peak_lr"] == derived.lr != cfg.optim.lr
     assert groups["muon"]["weight_decay"] == pytest.approx(0.1 * 2 / 4) == derived.weight_decay
@@ -61,7 +61,7 @@ def test_muon_baseline_groups_get_the_derived_peak_and_depth_scaled_decay(pg_col
 
 def test_sphere_decay_keeps_the_coupled_form():
     """Sphere Muon's (second-order) decay stays eta(t) * wd: the builder sets no peak for sphere rules."""
-    from hyperp_megatron.optim.sphere_builder import torch_param_groups
+    from hyperp_megatron.optim.builder import torch_param_groups
 
     class Assigned:
         def __init__(self, rule):
@@ -81,7 +81,7 @@ def _stream(pg_collection, fp32_residual: bool):
     from megatron.core.transformer.module import Float16Module
 
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.model.spec import branch_multiplier
 
     cfg = load_config(None, merge(TINY, {"model": {"seq_length": 32, "fp32_residual": fp32_residual},
@@ -209,7 +209,7 @@ def test_per_layer_spheres_refuse_layer_wise_data_parallel():
 
 def test_per_layer_sphere_keys_come_from_the_expert_layer(pg_collection):
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.param_groups import assign_parameters
 
     cfg = load_config(None, merge(TINY, {"model": {"moe": {"sparsity": 2, "granularity": 2}}}))

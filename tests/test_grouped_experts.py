@@ -94,7 +94,7 @@ def test_experts_match_sequential_mlp(pg_collection, kernel, counts):
 
 
 def test_parameters_are_per_expert_with_megatron_attributes(pg_collection):
-    from hyperp_megatron.optim.param_groups import role_of
+    from hyperp_megatron.model.params import role_of
 
     grouped, _ = _pair(pg_collection, 3)
     names = [name for name, _ in grouped.named_parameters()]
@@ -236,9 +236,9 @@ def test_unsupported_configs_are_refused(pg_collection):
 
 
 def test_each_grouped_expert_is_its_own_sphere(pg_collection, embedded_corpus, tmp_path):
-    from hyperp_megatron.checkpoint import unwrap
+    from hyperp_megatron.model.params import unwrap
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.monitors import _sphere_optimizers
+    from hyperp_megatron.optim.sphere_muon import sphere_optimizers
     from hyperp_megatron.train import _train_iterator, setup
 
     cfg = load_config(None, merge(TINY, {
@@ -253,7 +253,7 @@ def test_each_grouped_expert_is_its_own_sphere(pg_collection, embedded_corpus, t
     initial = {name: param.detach().clone() for name, param in experts.items()}
     for _ in range(3):
         assert not session.runner.train_step(iterator)["skipped"]
-    (sphere,) = [s for s in _sphere_optimizers(session.optimizer) if any(p is experts[next(iter(experts))]
+    (sphere,) = [s for s in sphere_optimizers(session.optimizer) if any(p is experts[next(iter(experts))]
                                                                           for g in s.param_groups for p in g["params"])]
     for name, param in experts.items():
         radius = sphere.state[param]["radius"]

@@ -18,7 +18,7 @@ SEQ = 32
 
 def build(pg_collection, **model):
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
 
     cfg = load_config(None, merge(TINY, {"model": {"seq_length": SEQ, **model}}))
     (gpt,) = build_model(cfg, pg_collection, VOCAB)
@@ -232,12 +232,12 @@ def test_initial_sphere_radii(pg_collection):
 
 
 def test_muon_logit_multiplier(pg_collection):
-    from hyperp_megatron.model.gpt import output_logit_multiplier
+    from hyperp_megatron.derived import derive
     from hyperp_megatron.transfer import muon_logit_multiplier
 
     hyperp, _ = build(pg_collection, num_layers=2)
     muon, cfg = build(pg_collection, num_layers=2, parameterization="muon")
-    multiplier = output_logit_multiplier(cfg)
+    multiplier = derive(cfg, 1, vocab_size=VOCAB).output_logit_multiplier  # what the trainer passes
     assert multiplier == muon_logit_multiplier(2, cfg.hyperp.base_depth) == pytest.approx(8 / 2)
     for name, param in hyperp.state_dict().items():  # same architecture and initial weights
         if isinstance(param, torch.Tensor):
@@ -305,7 +305,7 @@ def test_gate_with_input_norm_fused_into_qkv(pg_collection):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from hyperp_megatron.model import transformer_config
+    from hyperp_megatron.model.gpt import transformer_config
     from hyperp_megatron.model.attention import gated_attention_spec
     from hyperp_megatron.model.spec import build_layer_spec
 

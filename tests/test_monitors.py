@@ -221,7 +221,7 @@ def check_layers(records, reference, name, num_layers, rel=1e-5, transform=lambd
 
 
 def test_dense_indicators_match_direct_computation(dense):
-    from hyperp_megatron.checkpoint import unwrap
+    from hyperp_megatron.model.params import unwrap
     from hyperp_megatron.model.spec import softmax_scale
     from hyperp_megatron.monitors import evenly_spaced
     from hyperp_megatron.operator_norms import rms_inf_norm, rms_rms_norm
@@ -266,7 +266,7 @@ def test_dense_indicators_match_direct_computation(dense):
 
 
 def test_radius_drift_measures_a_perturbed_piece(dense):
-    from hyperp_megatron.checkpoint import unwrap
+    from hyperp_megatron.model.params import unwrap
     from hyperp_megatron.monitors import sphere_radius_drift
 
     session, _ = dense
@@ -330,7 +330,7 @@ def test_checkpoint_of_nonfinite_weights_is_refused(dense, tmp_path):
 
 
 def test_moe_router_indicators_match_direct_computation(world_of_one, tmp_path):
-    from hyperp_megatron.checkpoint import unwrap
+    from hyperp_megatron.model.params import unwrap
     from hyperp_megatron.model.spec import softmax_scale
 
     session, iterator = make_session(MOE, tmp_path)
@@ -512,7 +512,7 @@ def test_plot_stability_tool_writes_both_figures(tmp_path):
         (run_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
         runs.append(str(run_dir))
         assert tool.flops_per_step(run_dir, None) == pytest.approx(
-            __import__("hyperp_megatron.transfer", fromlist=["derive"]).derive(cfg, 1).flops_per_token
+            __import__("hyperp_megatron.derived", fromlist=["derive"]).derive(cfg, 1).flops_per_token
             * cfg.train.global_batch_size * cfg.model.seq_length)
     assert tool.main([*runs, "--out-dir", str(tmp_path / "plots"), "--layers"]) == 0
     for name in ("stability_steps.png", "stability_flops.png"):

@@ -1,4 +1,4 @@
-"""The parameter-role table (hyperp_megatron/optim/param_groups.py, README "Which parameter gets which
+"""The parameter-role table (roles: hyperp_megatron/model/params.py; rules: optim/param_groups.py, README "Which parameter gets which
 update rule"): every name Megatron gives a parameter, with the local layers and with Transformer
 Engine's (norms fused into the following linear, grouped-GEMM experts ``weight{i}``), lands in the
 documented role, rule and layout; the table in the module docstring and the README is the code's."""
@@ -153,8 +153,8 @@ def test_documented_table_is_the_code():
     assert [row[0] for row in doc_rows] == list(roles)
     for role_name, parameters, sphere_rule, muon_rule, *_ in doc_rows:
         role = roles[role_name]
-        assert sphere_rule.split(",")[0].split()[0] == role.sphere_rule, role_name
-        assert muon_rule.split(",")[0].split()[0] == role.muon_rule, role_name
+        assert sphere_rule.split(",")[0].split()[0] == param_groups.rule_of(role.name, "sphere_muon"), role_name
+        assert muon_rule.split(",")[0].split()[0] == param_groups.rule_of(role.name, "muon"), role_name
         for suffix in re.findall(r"`([^`]+)`", parameters):
             for name in _expand(suffix):
                 prefix = "" if name.startswith(("output_layer", "embedding", "decoder")) else "decoder.layers.0."

@@ -164,7 +164,7 @@ def test_backend_selection_and_spec(pg_collection):
     from hyperp_megatron.config import ModelConfig
     from hyperp_megatron.model.sdpa_attention import SDPACoreAttention, core_attention_impl
     from hyperp_megatron.model.spec import build_layer_spec
-    from hyperp_megatron.transfer import ATTENTION_BACKENDS
+    from hyperp_megatron.config import ATTENTION_BACKENDS
 
     assert [core_attention_impl(b, use_te=False) for b in ATTENTION_BACKENDS] == ["sdpa", "sdpa", "megatron_local"]
     assert [core_attention_impl(b, use_te=True) for b in ATTENTION_BACKENDS] == ["te", "sdpa", "megatron_local"]
@@ -195,7 +195,7 @@ def _model_parity_worker(rank, world_size, tensor):
 
     from hyperp_megatron.compat import apply_cpu_patches
     from hyperp_megatron.config import ParallelConfig, load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.parallel import init_model_parallel
 
     warnings.filterwarnings("ignore")

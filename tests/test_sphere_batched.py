@@ -10,7 +10,7 @@ import torch
 from hyperp_megatron.op_counters import count_aten_ops
 from hyperp_megatron.optim import ParamLayout, SphereMuon
 from hyperp_megatron.optim.newton_schulz import newton_schulz5
-from hyperp_megatron.optim.sphere_builder import ns_compute_dtype
+from hyperp_megatron.optim.builder import ns_compute_dtype
 from test_sphere_muon import full_weights, local_tensors, make_optimizer, relative_errors, run_steps
 
 OP_RATIO_TARGET = 1.5  # issue 13: <= 1.5 x torch.optim.Muon's aten ops per step

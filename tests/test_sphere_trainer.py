@@ -145,16 +145,17 @@ def _group_checks() -> dict:
     import torch
 
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.param_groups import assign_parameters, layout_for
-    from hyperp_megatron.optim.sphere_builder import build_sphere_optimizer
+    from hyperp_megatron.derived import derive
+    from hyperp_megatron.optim.builder import build_sphere_optimizer
     from hyperp_megatron.parallel import init_model_parallel
 
     cfg = load_config(None, merge(TINY, {"model": MOE, "optim": {"name": "sphere_muon"}}))
     pg_collection = init_model_parallel(cfg.parallel, cfg.train.seed)
     try:
         chunks = build_model(cfg, pg_collection, 256)
-        optimizer = build_sphere_optimizer(cfg, chunks, pg_collection)
+        optimizer = build_sphere_optimizer(cfg, chunks, pg_collection, derive(cfg, 1, vocab_size=256))
         in_groups = [id(p) for wrapped in optimizer.chained_optimizers for g in wrapped.optimizer.param_groups
                      for p in g["params"]]
         rules = {a.name: a.rule for a in assign_parameters(chunks, "sphere_muon", pg_collection)}
@@ -186,7 +187,7 @@ def _muon_rule_check(num_steps: int = 2) -> dict:
     import torch
 
     from hyperp_megatron import train as trainer
-    from hyperp_megatron.checkpoint import unwrap
+    from hyperp_megatron.model.params import unwrap
     from hyperp_megatron.config import load_config
     from hyperp_megatron.optim.newton_schulz import newton_schulz5
 

@@ -11,34 +11,33 @@ from pathlib import Path
 
 import pytest
 
-from hyperp_megatron import plan, transfer
-from hyperp_megatron.config import load_config, validate
+from hyperp_megatron import budget, derived, plan, transfer
+from hyperp_megatron.config import ATTENTION_BACKENDS, load_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 B0, T0 = 2**21, 10.4e9
 
 
-def reference_shape(depth: int, **moe) -> transfer.ModelShape:
+def reference_shape(depth: int, **moe) -> budget.ModelShape:
     """The reference dense family: C = 128 d, 2d heads of 128, 4 KV heads, FFN 4C, V 32000, s 4096."""
-    return transfer.ModelShape(depth=depth, width=128 * depth, num_heads=2 * depth, num_kv_heads=4,
-                               head_dim=128, ffn=512 * depth, vocab_size=32000, seq_length=4096, **moe)
+    return budget.ModelShape(depth=depth, width=128 * depth, num_heads=2 * depth, num_kv_heads=4,
+                             head_dim=128, ffn=512 * depth, vocab_size=32000, seq_length=4096, **moe)
 
 
 def default_t(depth: int) -> float:
-    return transfer.default_tokens(T0, transfer.num_params(reference_shape(depth)),
-                                   transfer.num_params(reference_shape(8)))
+    return transfer.default_tokens(T0, budget.num_params(reference_shape(depth)), budget.num_params(reference_shape(8)))
 
 
 def test_num_params_matches_reference_counts():
     # d8: 8 * (12 + 4 + 1) * 1024^2 + 2 * 32000 * 1024 = 208,142,336
-    assert transfer.num_params(reference_shape(8)) == 208_142_336
-    assert round(transfer.num_params(reference_shape(8)) / 1e6, 1) == 208.1
-    assert round(transfer.num_params(reference_shape(24)) / 1e9, 3) == 3.896
+    assert budget.num_params(reference_shape(8)) == 208_142_336
+    assert round(budget.num_params(reference_shape(8)) / 1e6, 1) == 208.1
+    assert round(budget.num_params(reference_shape(24)) / 1e9, 3) == 3.896
     # MoE counts the active (dense-equivalent) FFN: the same N, but more parameters in total
     moe = reference_shape(8, moe_sparsity=8, moe_granularity=8, moe_shared_expert=True)
-    assert transfer.num_params(moe) == transfer.num_params(reference_shape(8))
-    assert transfer.num_params_total(moe) > 4 * transfer.num_params(moe)
+    assert budget.num_params(moe) == budget.num_params(reference_shape(8))
+    assert budget.num_params_total(moe) > 4 * budget.num_params(moe)
 
 
 def test_family_scaling_and_bad_depth():
@@ -79,7 +78,7 @@ def test_switching_a_rule_off_changes_only_its_factor():
 def test_derive_depth_rule_ablation_touches_only_depth_factor():
     cfg = load_config(REPO / "configs/hyperp/dense_d24.yaml")
     off = dataclasses.replace(cfg, hyperp=dataclasses.replace(cfg.hyperp, depth_rule=False))
-    on_run, off_run = transfer.derive(cfg, 64), transfer.derive(off, 64)
+    on_run, off_run = derived.derive(cfg, 64), derived.derive(off, 64)
     assert off_run.depth_factor == 1.0 and on_run.depth_factor == pytest.approx(math.sqrt(8 / 24))
     assert (off_run.token_factor, off_run.batch_factor) == (on_run.token_factor, on_run.batch_factor)
     assert off_run.lr == pytest.approx(on_run.lr * math.sqrt(3))
@@ -87,9 +86,9 @@ def test_derive_depth_rule_ablation_touches_only_depth_factor():
 
 def test_training_flops_d24():
     # 6 N T = 4.550e21 plus attention 12 d H hd s T = 1.411e21 (reference estimate_flops convention)
-    flops = transfer.training_flops(reference_shape(24), default_t(24))
+    flops = budget.training_flops(reference_shape(24), default_t(24))
     assert flops == pytest.approx(5.96e21, rel=0.01)
-    assert 6 * transfer.num_params(reference_shape(24)) * default_t(24) == pytest.approx(4.550e21, rel=1e-3)
+    assert 6 * budget.num_params(reference_shape(24)) * default_t(24) == pytest.approx(4.550e21, rel=1e-3)
 
 
 def test_schedule_no_warmup_linear_to_tenth():
@@ -115,17 +114,17 @@ def test_muon_baseline_rules():
                                      base_batch_tokens=B0) == pytest.approx(5e-3)
     cfg = load_config(REPO / "configs/hyperp/dense_d16.yaml", ["--optim.name", "muon", "--optim.weight_decay", "0.1",
                                                                     "--model.parameterization", "muon"])
-    run = transfer.derive(cfg, 64)
+    run = derived.derive(cfg, 64)
     assert run.rules == "muon_baseline" and run.token_factor == 1.0  # no token factor
     assert run.lr == pytest.approx(1.5e-2 * math.sqrt(8 / 16))
     assert run.weight_decay == pytest.approx(0.05) and run.output_logit_multiplier == pytest.approx(0.5)
-    sphere = transfer.derive(load_config(REPO / "configs/hyperp/dense_d16.yaml"), 64)
+    sphere = derived.derive(load_config(REPO / "configs/hyperp/dense_d16.yaml"), 64)
     assert sphere.rules == "hyperp" and sphere.output_logit_multiplier == 1.0 and sphere.weight_decay == 0.0
 
 
 def test_derive_reference_d24():
     cfg = load_config(REPO / "configs/hyperp/dense_d24.yaml")
-    run = transfer.derive(cfg, 64)
+    run = derived.derive(cfg, 64)
     assert run.batch_tokens == B0 and run.steps == cfg.train.steps
     assert run.default_tokens == pytest.approx(default_t(24))
     assert run.lr == pytest.approx(1.5e-2 / 1.4e-2 * 3.166e-3, rel=1e-3)
@@ -134,49 +133,59 @@ def test_derive_reference_d24():
     json.dumps(run.to_dict())
     # default tokens: steps = ceil(T / B); T from the config otherwise
     fewer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=100))
-    assert transfer.derive(fewer, 64).tokens == 100 * B0
-    assert transfer.derive(fewer, 64, use_default_tokens=True).steps == math.ceil(default_t(24) / B0)
+    assert derived.derive(fewer, 64).tokens == 100 * B0
+    assert derived.derive(fewer, 64, use_default_tokens=True).steps == math.ceil(default_t(24) / B0)
     with pytest.raises(ValueError, match="global_batch_size"):
-        transfer.derive(cfg, 2 * 1024 * 3)  # DP 3072 does not divide 512 sequences
+        derived.derive(cfg, 2 * 1024 * 3)  # DP 3072 does not divide 512 sequences
 
 
 def test_memory_estimate_moves_the_right_way():
     shape = reference_shape(24)
-    base = transfer.memory_per_gpu(shape, transfer.Layout(data=8), micro_batch_size=1)
-    sharded = transfer.memory_per_gpu(shape, transfer.Layout(data=8, distributed_optimizer=True), micro_batch_size=1)
-    tp2 = transfer.memory_per_gpu(shape, transfer.Layout(tensor=2, data=4), micro_batch_size=1)
-    adamw = transfer.memory_per_gpu(shape, transfer.Layout(data=8), optimizer="adamw", micro_batch_size=1)
+    base = budget.memory_per_gpu(shape, budget.Layout(data=8), micro_batch_size=1)
+    sharded = budget.memory_per_gpu(shape, budget.Layout(data=8, distributed_optimizer=True), micro_batch_size=1)
+    tp2 = budget.memory_per_gpu(shape, budget.Layout(tensor=2, data=4), micro_batch_size=1)
+    adamw = budget.memory_per_gpu(shape, budget.Layout(data=8), optimizer="adamw", micro_batch_size=1)
     # bf16 weights 2 bytes/param, fp32 grads 4, master 4 + momentum 4 (Adam groups 8)
-    assert base.weights == pytest.approx(2 * transfer.num_params_total(shape) / 2**30, rel=1e-3)
+    assert base.weights == pytest.approx(2 * budget.num_params_total(shape) / 2**30, rel=1e-3)
     assert sharded.optimizer == pytest.approx(base.optimizer / 8)
     assert tp2.weights == pytest.approx(base.weights / 2, rel=1e-3) and tp2.activations < base.activations
     assert adamw.optimizer > base.optimizer
-    with pytest.raises(ValueError, match="tensor-parallel"):
-        transfer.memory_per_gpu(shape, transfer.Layout(tensor=5))
-    with pytest.raises(ValueError, match="expert"):
-        transfer.memory_per_gpu(shape, transfer.Layout(data=2, expert=2))
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["--parallel.tensor", "5"], 5, "num_attention_heads (48) is not divisible by parallel.tensor (5)"),
+    (["--parallel.expert", "2"], 4, "parallel.expert > 1 needs an MoE model"),
+    (["--parallel.pipeline", "5"], 10, "num_layers (24) is not divisible by parallel.pipeline (5)"),
+])
+def test_one_layout_check(overrides, world, message):
+    """derive() (and so the planner) refuses a layout with the trainer's own check and message."""
+    cfg = load_config(REPO / "configs/hyperp/dense_d24.yaml", overrides)
+    for check in (lambda: validate(cfg, world), lambda: derived.derive(cfg, world)):
+        with pytest.raises(ValueError) as info:
+            check()
+        assert message in str(info.value)
 
 
 def test_memory_planner_knows_the_attention(capsys):
     """Megatron's unfused attention keeps b x heads x s x s scores per layer (fp32 softmax output + bf16
     probabilities = 6 bytes, fp32 runs 4); SDPA / TE flash attention ('sdpa', 'auto') keep none."""
-    shape, layout, gib = reference_shape(8), transfer.Layout(), 2**30  # dense d8: 16 heads, s = 4096
-    plans = {backend: transfer.memory_per_gpu(shape, layout, micro_batch_size=8, attention_backend=backend)
-             for backend in transfer.ATTENTION_BACKENDS}
+    shape, layout, gib = reference_shape(8), budget.Layout(), 2**30  # dense d8: 16 heads, s = 4096
+    plans = {backend: budget.memory_per_gpu(shape, layout, micro_batch_size=8, attention_backend=backend)
+             for backend in ATTENTION_BACKENDS}
     assert plans["auto"] == plans["sdpa"]
     scores = 8 * 16 * 4096**2  # per layer: micro-batch x heads x s^2
     extra = plans["megatron_local"].activations - plans["sdpa"].activations
     assert extra == pytest.approx(8 * scores * 6 / gib)  # 8 layers
     assert 95 < extra < 97  # the "about 100 GB" (103e9 bytes) of dense d8 at micro-batch 8, seq 4096
     assert plans["megatron_local"].workspace - plans["sdpa"].workspace == pytest.approx(scores * (2 + 4) / gib)
-    fp32 = {b: transfer.memory_per_gpu(shape, layout, precision="fp32", micro_batch_size=8, attention_backend=b)
+    fp32 = {b: budget.memory_per_gpu(shape, layout, precision="fp32", micro_batch_size=8, attention_backend=b)
             for b in ("sdpa", "megatron_local")}
     assert fp32["megatron_local"].activations - fp32["sdpa"].activations == pytest.approx(8 * scores * 4 / gib)
-    tp2 = {b: transfer.memory_per_gpu(shape, transfer.Layout(tensor=2), micro_batch_size=8, attention_backend=b)
+    tp2 = {b: budget.memory_per_gpu(shape, budget.Layout(tensor=2), micro_batch_size=8, attention_backend=b)
            for b in ("sdpa", "megatron_local")}
     assert tp2["megatron_local"].activations - tp2["sdpa"].activations == pytest.approx(extra / 2)  # heads / TP
     with pytest.raises(ValueError, match="attention backend"):
-        transfer.memory_per_gpu(shape, layout, attention_backend="flash")
+        budget.memory_per_gpu(shape, layout, attention_backend="flash")
     # derive() and the plan command follow model.attention_backend
     config = str(REPO / "configs/hyperp/dense_d8.yaml")
     mem = {backend: json.loads(_run_plan(capsys, "--config", config, "--format", "json",
@@ -208,7 +217,8 @@ def test_plan_table_json_csv(capsys):
 
 @pytest.mark.parametrize("args, match", [
     (["--depths", "8,x"], "depths"), (["--depths", "0"], "depths"), (["--format", "xml"], "format"),
-    (["--tp", "3"], "tensor-parallel"), (["--dp", "0"], "dp"), (["--tokens", "many"], "tokens"),
+    (["--tp", "3"], r"depth 8: model.num_attention_heads \(16\) is not divisible by parallel.tensor \(3\)"),
+    (["--dp", "0"], "dp"), (["--tokens", "many"], "tokens"),
 ])
 def test_plan_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
@@ -220,7 +230,7 @@ def test_every_config_loads_and_derives(path):
     cfg = load_config(path)
     world = cfg.parallel.tensor * cfg.parallel.pipeline
     validate(cfg, world)
-    run = transfer.derive(cfg, world)
+    run = derived.derive(cfg, world)
     d = cfg.model.num_layers
     if path.parent.name == "hyperp":  # the reference family, trained for the default token budget
         assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.kv_channels) == (128 * d, 2 * d, 128)

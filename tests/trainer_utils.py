@@ -98,7 +98,7 @@ def gather_full_weights(model_chunks) -> tuple[dict | None, float]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    from hyperp_megatron.checkpoint import unwrap
+    from hyperp_megatron.model.params import unwrap
 
     shards = []
     for chunk in model_chunks:

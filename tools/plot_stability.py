@@ -11,7 +11,7 @@ runs overlaid in one colour each,
 
     stability_steps.png   against the optimizer step;
     stability_flops.png   against training FLOPs (log x): step * flops_per_token * batch tokens, from
-                          ``hyperp_megatron.transfer.derive`` on the run's ``config.yaml`` and
+                          ``hyperp_megatron.derived.derive`` on the run's ``config.yaml`` and
                           ``run_info.json`` (world size).
 """
 
@@ -50,10 +50,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def flops_per_step(run_dir: Path, vocab_size: int | None) -> float:
-    """Training FLOPs of one optimizer step of the run (``transfer.derive``: F/token x B)."""
+    """Training FLOPs of one optimizer step of the run (F/token x B): from its ``derived.json``, else derived
+    from its config (``derived.derive``; runs written before derived.json existed)."""
     from hyperp_megatron.config import load_config
-    from hyperp_megatron.transfer import derive
+    from hyperp_megatron.derived import derive, read_derived
 
+    recorded = read_derived(run_dir)
+    if recorded is not None and vocab_size is None:
+        return recorded["flops_per_token"] * recorded["batch_tokens"]
     config, info = run_dir / "config.yaml", run_dir / "run_info.json"
     if not config.is_file():
         raise ValueError(f"{config} not found: the FLOPs axis needs the run's resolved config")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hyperp_megatron import data  # noqa: E402
+from hyperp_megatron.data import documents, preprocess  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,9 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, type=Path, help="local Hugging Face tokenizer directory")
     parser.add_argument("--output-prefix", required=True, type=Path, help="writes <prefix>.bin and <prefix>.idx")
     parser.add_argument("--json-key", default="text", help="field holding the text in JSONL records")
-    parser.add_argument("--pattern", nargs="+", default=list(data.DEFAULT_INPUT_PATTERNS),
+    parser.add_argument("--pattern", nargs="+", default=list(documents.DEFAULT_INPUT_PATTERNS),
                         help="file patterns searched in input directories")
-    parser.add_argument("--chars-per-document", type=int, default=data.DEFAULT_CHARS_PER_DOCUMENT,
+    parser.add_argument("--chars-per-document", type=int, default=documents.DEFAULT_CHARS_PER_DOCUMENT,
                         help="cut plain text into documents of about this many characters (0: whole files)")
     return parser.parse_args(argv)
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        stats = data.preprocess_to_indexed_dataset(
+        stats = preprocess.preprocess_to_indexed_dataset(
             args.input, args.tokenizer, args.output_prefix, args.json_key, args.chars_per_document, args.pattern
         )
     except ValueError as error:

@@ -5,7 +5,7 @@ maps it through a small adapter per target family, and writes the other format:
 
 - :mod:`~hyperp_megatron.convert.ours`: our checkpoint <-> unfused, layout-free pieces;
 - :mod:`~hyperp_megatron.convert.folds`: multipliers folded into weights for standard classes;
-- :mod:`~hyperp_megatron.convert.targets` and the adapters :mod:`~hyperp_megatron.convert.llama`
+- :mod:`~hyperp_megatron.convert.targets` (the interface), :mod:`~hyperp_megatron.convert.registry` and the adapters :mod:`~hyperp_megatron.convert.llama`
   (Qwen3, Llama), :mod:`~hyperp_megatron.convert.qwen3_next`, :mod:`~hyperp_megatron.convert.hyperp`
   (custom code, ``hf_modeling/modeling_hyperp.py``);
 - :mod:`~hyperp_megatron.convert.export`, :mod:`~hyperp_megatron.convert.importer`,

@@ -15,7 +15,8 @@ from hyperp_megatron.convert.hf_io import (
     special_token_ids,
     staged_directory,
 )
-from hyperp_megatron.convert.targets import SpecialTokens, Target, choose
+from hyperp_megatron.convert.registry import choose
+from hyperp_megatron.convert.targets import SpecialTokens, Target
 
 BLOCK = "hyperp_megatron"
 """The config.json key recording what the export did (read back by the import)."""
@@ -31,7 +32,7 @@ def find_tokenizer(source: ours.Source, tokenizer: str | Path | None) -> Path:
         if not (path / "tokenizer.json").is_file():
             raise ValueError(f"--tokenizer {path} has no tokenizer.json (a Hugging Face fast tokenizer directory)")
         return path
-    from hyperp_megatron.data import embedded_corpus_dir
+    from hyperp_megatron.data.corpus import embedded_corpus_dir  # imports megatron-core: only when needed
 
     data = source.cfg.data
     candidates = [Path(data.tokenizer)] if data.tokenizer else []

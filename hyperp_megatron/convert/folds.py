@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hyperp_megatron.config import Config
+from hyperp_megatron.transfer import output_logit_multiplier
 
 QWEN3_NEXT_SHARED_GATE = 0.5
 """``sigmoid(0)``: Qwen3-Next's shared-expert gate with a zero gate row."""
@@ -85,6 +86,11 @@ def query_scale_ratio(cfg: Config) -> float:
     return math.sqrt(BASE_HEAD_DIM / cfg.model.kv_channels) if cfg.model.hyperp_architecture else 1.0
 
 
+def logit_multiplier(cfg: Config) -> float:
+    """Our output-logit multiplier (``transfer.output_logit_multiplier``: ``d0/d`` under the Muon baseline)."""
+    return output_logit_multiplier(cfg.model.parameterization, cfg.model.num_layers, cfg.hyperp.base_depth)
+
+
 def shared_expert_mix(cfg: Config) -> float:
     """The factor of ``routed + shared`` in our MoE layer (``HyperPMoELayer.shared_expert_scale``)."""
     from hyperp_megatron.model.moe import SHARED_EXPERT_MIX
@@ -96,10 +102,9 @@ def shared_expert_mix(cfg: Config) -> float:
 def standard_folds(cfg: Config, shared_gate: float = 1.0) -> Folds:
     """What a standard class (no branch multiplier, softmax scale ``head_dim^-0.5``, no logit multiplier)
     needs folded; ``shared_gate``: the target's fixed factor on the shared expert's output."""
-    from hyperp_megatron.model.gpt import output_logit_multiplier
     from hyperp_megatron.model.spec import branch_multiplier
 
     branch = branch_multiplier(cfg.model)
     mix = shared_expert_mix(cfg)
     return Folds(attention_out=branch, mlp_down=branch * mix, shared_down=branch * mix / shared_gate,
-                 query=query_scale_ratio(cfg), lm_head=output_logit_multiplier(cfg))
+                 query=query_scale_ratio(cfg), lm_head=logit_multiplier(cfg))

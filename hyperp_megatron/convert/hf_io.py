@@ -160,14 +160,14 @@ def special_token_ids(tokenizer_dir: Path) -> tuple[int | None, int | None, int]
     """(bos id, eos id, vocabulary size incl. added tokens) of a tokenizer directory."""
     import tokenizers
 
-    from hyperp_megatron.data import EOD_TOKEN
+    from hyperp_megatron.data.tokenizer import EOD_TOKEN
 
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     config_file = tokenizer_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     ids = []
     for key in ("bos_token", "eos_token"):
-        # Without a configured token the trainer uses EOD_TOKEN as end of document (data.TextTokenizer).
+        # Without a configured token the trainer uses EOD_TOKEN as end of document (data.tokenizer.TextTokenizer).
         content = _token_content(config.get(key)) or (EOD_TOKEN if key == "eos_token" else None)
         ids.append(tokenizer.token_to_id(content) if content else None)
     return ids[0], ids[1], tokenizer.get_vocab_size(with_added_tokens=True)

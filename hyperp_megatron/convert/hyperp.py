@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hyperp_megatron.config import Config
-from hyperp_megatron.convert.folds import Folds, shared_expert_mix
+from hyperp_megatron.convert.folds import Folds, logit_multiplier, shared_expert_mix
 from hyperp_megatron.convert.targets import Reader, SpecialTokens, Target, mlp_from_hf, mlp_to_hf
 
 MODELING_FILE = Path(__file__).parent / "hf_modeling" / "modeling_hyperp.py"
@@ -31,7 +31,6 @@ class HyperPTarget(Target):
         return Folds()
 
     def hf_config(self, cfg: Config, vocab_size: int, special: SpecialTokens, dtype: str) -> dict:
-        from hyperp_megatron.model.gpt import output_logit_multiplier
         from hyperp_megatron.model.spec import branch_multiplier, softmax_scale
 
         m, moe = cfg.model, cfg.model.moe
@@ -48,7 +47,7 @@ class HyperPTarget(Target):
             "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
             "qk_norm": m.qk_norm, "attention_gate": "per_head" if m.gated_attention else None,
             "attention_softmax_scale": scale, "residual_multiplier": branch_multiplier(m),
-            "logit_multiplier": output_logit_multiplier(cfg),
+            "logit_multiplier": logit_multiplier(cfg),
             "num_experts": moe.num_routed_experts if moe.enabled else 0,
             "num_experts_per_tok": moe.router_topk if moe.enabled else 1, "moe_intermediate_size": expert_width,
             "shared_expert_intermediate_size": expert_width if moe.enabled and moe.shared_expert else 0,

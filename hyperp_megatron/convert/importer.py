@@ -23,7 +23,7 @@ from hyperp_megatron.convert import ours
 from hyperp_megatron.convert.export import BLOCK, FORMAT_VERSION
 from hyperp_megatron.convert.folds import Folds
 from hyperp_megatron.convert.hf_io import TensorReader, copy_tokenizer, special_token_ids, staged_directory
-from hyperp_megatron.convert.targets import by_architecture
+from hyperp_megatron.convert.registry import by_architecture
 
 PARAMETERIZATIONS = ("standard", "hyperp", "muon")
 

@@ -148,7 +148,7 @@ def single_process_world(seed: int = 0):
 
 def build(cfg: Config, pg_collection, padded_vocab_size: int) -> torch.nn.Module:
     """Our GPTModel in this process (fp32, CPU)."""
-    from hyperp_megatron.model import build_model
+    from hyperp_megatron.model.gpt import build_model
 
     (model,) = build_model(cfg, pg_collection, padded_vocab_size, device=CPU)
     return model.eval()

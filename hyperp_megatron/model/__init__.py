@@ -1,5 +1,5 @@
-"""The GPT model: Megatron-Core GPTModel with HyperP's layer spec and initialization."""
+"""The GPT model: Megatron-Core GPTModel with HyperP's layer spec and initialization.
 
-from hyperp_megatron.model.gpt import build_model, padded_vocab_size, transformer_config
-
-__all__ = ["build_model", "padded_vocab_size", "transformer_config"]
+``gpt.build_model`` builds it; ``params`` names its parameters' roles and layouts (no megatron import, so
+light modules can use it). Import the submodules directly.
+"""

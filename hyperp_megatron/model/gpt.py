@@ -16,7 +16,8 @@ from hyperp_megatron.model.init import initialize_parameters
 from hyperp_megatron.model.moe import experts_impl
 from hyperp_megatron.model.residual import keep_residual_stream_fp32
 from hyperp_megatron.model.spec import HAVE_TE, build_layer_spec, softmax_scale, use_transformer_engine
-from hyperp_megatron.transfer import muon_logit_multiplier
+from hyperp_megatron.parallel import process_group_device
+from hyperp_megatron.transfer import output_logit_multiplier
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
@@ -26,8 +27,6 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
 
 
 def _device_or_default(device) -> torch.device:
-    from hyperp_megatron.parallel import process_group_device
-
     return process_group_device() if device is None else torch.device(device)
 
 
@@ -101,10 +100,14 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: Config, pg_collection, vocab_size: int,
-                device: torch.device | None = None) -> list[torch.nn.Module]:
+def build_model(cfg: Config, pg_collection, vocab_size: int, device: torch.device | None = None, *,
+                logit_multiplier: float | None = None) -> list[torch.nn.Module]:
     """The model chunk(s) of this pipeline stage on ``device`` (default: the process group's), initialized
-    identically for every parallel layout and device."""
+    identically for every parallel layout and device. ``logit_multiplier``: the run's derived output-logit
+    multiplier (``DerivedRun.output_logit_multiplier``; default: the rule for ``cfg``)."""
+    if logit_multiplier is None:
+        logit_multiplier = output_logit_multiplier(cfg.model.parameterization, cfg.model.num_layers,
+                                                   cfg.hyperp.base_depth)
     device = _device_or_default(device)
     use_te = check_device_support(cfg, device)
     tf_config = transformer_config(cfg, pg_collection, use_te, device)
@@ -130,21 +133,14 @@ def build_model(cfg: Config, pg_collection, vocab_size: int,
     # As Megatron-LM's get_model: the whole model onto the device right after construction, before DDP
     # and the optimizer wrap it (TP layers are created on the GPU, torch norms and buffers on the CPU).
     model.to(device)
-    if model.post_process and output_logit_multiplier(cfg) != 1.0:
-        scale_output_logits(model, output_logit_multiplier(cfg))
+    if model.post_process and logit_multiplier != 1.0:
+        scale_output_logits(model, logit_multiplier)
     return [model]
 
 
 def fp32_residual(cfg: Config) -> bool:
     """Whether the residual stream is kept in fp32 (``model.fp32_residual`` in a bf16 run)."""
     return cfg.train.precision == "bf16" and cfg.model.fp32_residual
-
-
-def output_logit_multiplier(cfg: Config) -> float:
-    """``d0/d`` for the Muon baseline (``transfer.muon_logit_multiplier``); 1 under HyperP and standard."""
-    if cfg.model.parameterization == "muon":
-        return muon_logit_multiplier(cfg.model.num_layers, cfg.hyperp.base_depth)
-    return 1.0
 
 
 def _scale_logits(multiplier: float, module, args, output):

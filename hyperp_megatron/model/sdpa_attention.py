@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from hyperp_megatron.transfer import ATTENTION_BACKENDS
+from hyperp_megatron.config import ATTENTION_BACKENDS
 
 _HALF = (torch.float16, torch.bfloat16)
 

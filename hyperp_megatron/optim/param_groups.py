@@ -1,8 +1,7 @@
-"""Parameter roles of Megatron's GPTModel -> update rule and layout (``ParamLayout``) for SphereMuon.
+"""Parameter roles (``model/params.py``) -> update rule and layout (``ParamLayout``) for SphereMuon.
 
-Roles are recognized by parameter name (the bare model's names, inside DDP / Float16Module), never
-by ``ndim``. Every trainable parameter matches exactly one role; an unknown name raises ``ValueError``.
-All groups use the same LR ``eta`` from the schedule (HYPERP.md section 1).
+Every trainable parameter has exactly one role (by name, never by ``ndim``; asserted); an unknown name
+raises ``ValueError``. All groups use the same LR ``eta`` from the schedule (HYPERP.md section 1).
 
 | role | parameter (name suffix) | sphere_muon rule | muon rule | LR | sharded by (dim) |
 |---|---|---|---|---|---|
@@ -18,66 +17,45 @@ All groups use the same LR ``eta`` from the schedule (HYPERP.md section 1).
 | norm | `*layernorm.weight`, `*.layer_norm_weight` | adamw, wd 0 | adamw, wd 0 | eta | - |
 | bias | any other `*.bias` | adamw, wd 0 | adamw, wd 0 | eta | as its weight |
 
-(With Transformer Engine grouped GEMM, routed expert ``i`` is ``mlp.experts.linear_fc{1,2}.weight{i}``.)
-Weight decay of the sphere_muon / sphere_adam / muon rows: ``optim.weight_decay``.
-``optim.weight_decay`` is 0 by default. Under ``muon`` it is the baseline's ``wd0`` and becomes
-``wd0 d0 / d`` with ``hyperp.enabled`` (``transfer.muon_weight_decay``). On the sphere a non-zero
-value cannot shrink the radius (HYPERP.md section 1, step 4).
+(With grouped-GEMM experts, Transformer Engine's or torch's, routed expert ``i`` is
+``mlp.experts.linear_fc{1,2}.weight{i}``.) Weight decay of the sphere_muon / sphere_adam / muon rows: the run's
+derived matrix weight decay (``derived.DerivedRun.weight_decay``): ``optim.weight_decay``, 0 by default; under
+``muon`` the baseline's ``wd0`` becomes ``wd0 d0 / d`` with ``hyperp.enabled``. On the sphere a non-zero value
+cannot shrink the radius (HYPERP.md section 1, step 4).
 
-The layout of a matrix comes from Megatron's parameter attributes (``tensor_model_parallel``,
-``partition_dim``) and the role's process group: the TP group, or the expert-TP group for routed
-experts (which also get ``is_expert`` and a per-layer ``batch_key``: the experts of one layer are
-orthogonalized in one batched Newton-Schulz).
+The layout of a matrix comes from Megatron's parameter attributes and the role's process group
+(``params.shard_layout``): the TP group, or the expert-TP group for routed experts (which also get
+``is_expert`` and a per-layer ``batch_key``: the experts of one layer are orthogonalized in one batched
+Newton-Schulz).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from hyperp_megatron.optim.sphere_muon import ParamLayout, QKVSplit
+from hyperp_megatron.model.params import ROLES, expert_batch_key, role_of, shard_layout, unwrap
+from hyperp_megatron.optim.layout import ParamLayout, QKVSplit
 
+RULES_BY_ROLE: dict[str, tuple[str, str]] = {
+    # role: (rule under optim.name sphere_muon, rule under muon)
+    "qkv": ("sphere_muon", "muon"),
+    "attention_out": ("sphere_muon", "muon"),
+    "attention_gate": ("sphere_muon", "muon"),
+    "mlp": ("sphere_muon", "muon"),
+    "shared_expert": ("sphere_muon", "muon"),
+    "router": ("sphere_muon", "muon"),
+    "routed_expert": ("sphere_muon", "muon"),
+    "output": ("sphere_adam", "adamw"),
+    "embedding": ("adamw", "adamw"),
+    "norm": ("adamw", "adamw"),
+    "bias": ("adamw", "adamw"),
+}
+assert set(RULES_BY_ROLE) == {role.name for role in ROLES}, "every parameter role needs its update rules"
 ADAM_RULES = ("adamw",)
-
-
-@dataclass(frozen=True)
-class Role:
-    """One kind of parameter: its name pattern and its rule under sphere_muon / muon."""
-
-    name: str
-    pattern: re.Pattern
-    sphere_rule: str
-    muon_rule: str
-
-    @property
-    def is_matrix(self) -> bool:
-        return self.sphere_rule == "sphere_muon"
-
-
-def _role(name: str, pattern: str, sphere_rule: str, muon_rule: str) -> Role:
-    return Role(name, re.compile(pattern), sphere_rule, muon_rule)
-
-
-_ROUTED_EXPERT = re.compile(
-    r"mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight"  # SequentialMLP: expert i
-    r"|linear_fc([12])\.weight(\d+))$"  # TEGroupedMLP: weight{i}
-)
-ROLES: tuple[Role, ...] = (
-    _role("qkv", r"self_attention\.linear_qkv\.weight$", "sphere_muon", "muon"),
-    _role("attention_out", r"self_attention\.linear_proj\.weight$", "sphere_muon", "muon"),
-    _role("attention_gate", r"self_attention\.linear_gate\.weight$", "sphere_muon", "muon"),
-    _role("mlp", r"mlp\.linear_fc[12]\.weight$", "sphere_muon", "muon"),
-    _role("shared_expert", r"mlp\.shared_experts\.linear_fc[12]\.weight$", "sphere_muon", "muon"),
-    _role("router", r"mlp\.router\.weight$", "sphere_muon", "muon"),
-    Role("routed_expert", _ROUTED_EXPERT, "sphere_muon", "muon"),
-    _role("output", r"^output_layer\.weight$", "sphere_adam", "adamw"),
-    _role("embedding", r"^embedding\.word_embeddings\.weight$", "adamw", "adamw"),
-    _role("norm", r"(?:layernorm\.(?:weight|bias)|layer_norm_(?:weight|bias))$", "adamw", "adamw"),
-    _role("bias", r"(?<!layernorm)\.bias\d*$", "adamw", "adamw"),
-)
-"""Disjoint: a parameter name matches at most one pattern (asserted in ``role_of``)."""
+EXPERT_SPHERES = ("per_expert", "per_layer")
+OPTIMIZERS = ("sphere_muon", "muon")
 
 
 @dataclass(frozen=True)
@@ -94,17 +72,12 @@ class ParamAssignment:
         return self.layout.rule
 
 
-def role_of(name: str) -> Role:
-    """The one role whose pattern matches ``name``; ValueError for an unknown parameter."""
-    matches = [role for role in ROLES if role.pattern.search(name)]
-    if not matches:
-        known = ", ".join(role.name for role in ROLES)
-        raise ValueError(
-            f"parameter {name!r} matches no optimizer role ({known}): add it to "
-            "hyperp_megatron/optim/param_groups.py ROLES with its update rule"
-        )
-    assert len(matches) == 1, f"parameter {name!r} matches several roles: {[r.name for r in matches]}"
-    return matches[0]
+def rule_of(role: str, optimizer_name: str) -> str:
+    """The update rule of a parameter role under ``optim.name`` 'sphere_muon' or 'muon'."""
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(f"optimizer_name must be one of {OPTIMIZERS}, got {optimizer_name!r}")
+    sphere_rule, muon_rule = RULES_BY_ROLE[role]
+    return sphere_rule if optimizer_name == "sphere_muon" else muon_rule
 
 
 def _qkv_split(config, tp_size: int) -> QKVSplit:
@@ -117,46 +90,23 @@ def _qkv_split(config, tp_size: int) -> QKVSplit:
     )
 
 
-def _shard_layout(name: str, param: torch.Tensor, group, role: Role) -> tuple[object, int | None]:
-    """(group, partition_dim) from Megatron's attributes; TE grouped experts carry none (by name)."""
-    grouped = _ROUTED_EXPERT.search(name)
-    if role.name == "routed_expert" and grouped.group(3) is not None:
-        return group, 0 if grouped.group(3) == "1" else 1  # TEGroupedMLP: fc1 column-, fc2 row-parallel
-    if not getattr(param, "tensor_model_parallel", False):
-        return None, None
-    return group, param.partition_dim
-
-
-def _expert_batch_key(chunk_index: int, name: str) -> str:
-    """The routed experts of one layer and one of fc1/fc2 share a batched Newton-Schulz."""
-    match = _ROUTED_EXPERT.search(name)
-    fc = match.group(2) or match.group(3)
-    return f"chunk{chunk_index}.{name[: match.start()]}experts.fc{fc}"
-
-
-EXPERT_SPHERES = ("per_expert", "per_layer")
-
-
 def layout_for(name: str, param: torch.Tensor, *, optimizer_name: str, config, pg_collection,
-               chunk_index: int = 0, expert_sphere: str = "per_expert") -> tuple[Role, ParamLayout]:
-    """Role and ``ParamLayout`` of one parameter of a GPTModel built with ``config``.
+               chunk_index: int = 0, expert_sphere: str = "per_expert") -> tuple[str, ParamLayout]:
+    """Role name and ``ParamLayout`` of one parameter of a GPTModel built with ``config``.
 
     ``expert_sphere`` (sphere_muon): 'per_expert' (each routed expert its own sphere, our default) or
     'per_layer' (all routed experts of a layer, fc1 and fc2 separately, on one sphere, summed over the
     expert-parallel group: the reference's sphere over a GPU's block of experts, made EP-invariant)."""
     if expert_sphere not in EXPERT_SPHERES:
         raise ValueError(f"expert_sphere must be one of {EXPERT_SPHERES}, got {expert_sphere!r}")
-    if optimizer_name not in ("sphere_muon", "muon"):
-        raise ValueError(f"optimizer_name must be 'sphere_muon' or 'muon', got {optimizer_name!r}")
-    role = role_of(name)
-    rule = role.sphere_rule if optimizer_name == "sphere_muon" else role.muon_rule
+    role = role_of(name).name
+    rule = rule_of(role, optimizer_name)
     if rule in ADAM_RULES:
         return role, ParamLayout(rule)  # elementwise: needs no process group
-    is_expert = role.name == "routed_expert"
-    group, partition_dim = _shard_layout(name, param, pg_collection.expt_tp if is_expert else pg_collection.tp,
-                                         role)
-    qkv_split = _qkv_split(config, pg_collection.tp.size()) if role.name == "qkv" else None
-    batch_key = _expert_batch_key(chunk_index, name) if is_expert else None
+    is_expert = role == "routed_expert"
+    group, partition_dim = shard_layout(name, param, pg_collection)
+    qkv_split = _qkv_split(config, pg_collection.tp.size()) if role == "qkv" else None
+    batch_key = expert_batch_key(chunk_index, name) if is_expert else None
     shared = is_expert and expert_sphere == "per_layer" and rule == "sphere_muon"
     return role, ParamLayout(rule, group=group, partition_dim=partition_dim, qkv_split=qkv_split,
                              batch_key=batch_key, is_expert=is_expert, sphere_key=batch_key if shared else None,
@@ -170,8 +120,6 @@ def assign_parameters(model_chunks: list, optimizer_name: str, pg_collection,
     model_chunks: GPTModels, possibly wrapped in DDP / Float16Module. Raises ValueError for a
     parameter no role knows; asserts that each parameter is assigned exactly once.
     """
-    from hyperp_megatron.checkpoint import unwrap
-
     assignments = []
     for chunk_index, chunk in enumerate(model_chunks):
         model = unwrap(chunk)
@@ -182,7 +130,7 @@ def assign_parameters(model_chunks: list, optimizer_name: str, pg_collection,
             role, layout = layout_for(name, param, optimizer_name=optimizer_name, config=model.config,
                                       pg_collection=pg_collection, chunk_index=chunk_index,
                                       expert_sphere=expert_sphere)
-            assignments.append(ParamAssignment(prefix + name, param, role.name, layout))
+            assignments.append(ParamAssignment(prefix + name, param, role, layout))
     trainable = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
     assigned_ids = [id(a.param) for a in assignments]
     assert len(set(assigned_ids)) == len(assigned_ids), "a parameter was assigned twice"

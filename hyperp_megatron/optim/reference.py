@@ -25,9 +25,8 @@ import math
 
 import torch
 
+from hyperp_megatron.optim.layout import RULES
 from hyperp_megatron.optim.newton_schulz import newton_schulz5
-
-RULES = ("sphere_muon", "sphere_adam", "adamw", "muon")
 
 
 def decay_factor(lr: float, weight_decay: float, decay_peak_lr: float | None = None) -> float:

@@ -18,10 +18,13 @@ Weight decay per step is ``eta(t) wd`` (decoupled, AdamW's convention) or, for a
 arXiv 2309.14322): it follows the schedule's shape but not the LR's size. The Muon baseline uses the latter
 with ``wd = wd0 d0 / d``, as the HyperP reference does.
 
-Distributed form. Each parameter comes with a ``ParamLayout`` saying which group shards it:
+The rules' tensor math is in ``optim/updates.py``, the per-parameter layout in ``optim/layout.py``; this
+module orchestrates a step. Distributed form. Each parameter comes with a ``ParamLayout`` saying which
+group shards it:
 - Newton-Schulz is done on the whole matrix ("gather") or with all-reduced Gram matrices
-  ("distributed"), see ``newton_schulz.orthogonalize``; same-shape matrices that share a
-  ``batch_key`` (e.g. the experts of one layer) are orthogonalized in one batched call.
+  ("distributed"), see ``newton_schulz.orthogonalize``. The default step (``optim/sphere_batched.py``)
+  batches every same-shape matrix piece of all layers (momentum, Newton-Schulz, statistics, retraction);
+  the per-matrix loop (``batched=False``) batches the matrices that share a ``batch_key``.
 - The sphere needs ``||W||^2``, ``<W, D>`` and ``||D||^2`` per matrix (per Q/K/V piece, per expert).
   ``||W - s D||^2`` is expanded from these three, so the retraction needs no second reduction: all
   scalars of one step that belong to one process group travel in ONE flat buffer, ONE all-reduce.
@@ -34,154 +37,43 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from hyperp_megatron.optim import sphere_batched
+from hyperp_megatron.optim.layout import (
+    MATRIX_RULES,
+    SPHERE_RULES,
+    ParamLayout,
+    PlannedParam,
+    newton_schulz_cost,
+)
 from hyperp_megatron.optim.newton_schulz import NS_MODES, orthogonalize, supports_distributed_mode
-from hyperp_megatron.optim.reference import RULES
-from hyperp_megatron.optim.reference import decay_factor as reference_decay_factor
+from hyperp_megatron.optim.updates import (
+    adam_direction,
+    decay_factor,
+    adamw_step,
+    muon_step,
+    nesterov_momentum,
+    retracted_sphere_step,
+)
 
 logger = logging.getLogger(__name__)
 
-MATRIX_RULES = ("sphere_muon", "muon")  # orthogonalized by Newton-Schulz
-SPHERE_RULES = ("sphere_muon", "sphere_adam")  # stepped and retracted on a sphere
 NS_COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class QKVSplit:
-    """Megatron's fused ``linear_qkv`` weight on one TP rank: rows interleaved by query group.
+class MatrixPiece(NamedTuple):
+    """One matrix a Newton-Schulz rule updates, as this rank holds it (:meth:`SphereMuon.matrix_pieces`)."""
 
-    For each of the ``num_local_query_groups`` groups of this rank: ``q_rows_per_group`` rows of
-    its query heads (heads per group x head_dim), then ``head_dim`` rows of K, ``head_dim`` rows of V.
-    Query groups are contiguous by TP rank, so the rank-ordered Q (K, V) pieces form the full Q (K, V).
-    """
-
-    num_local_query_groups: int
-    q_rows_per_group: int
-    head_dim: int
-
-    def __post_init__(self) -> None:
-        for name in ("num_local_query_groups", "q_rows_per_group", "head_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"QKVSplit.{name} must be a positive int, got {getattr(self, name)!r}")
-
-    @property
-    def piece_rows(self) -> tuple[int, int, int]:
-        """Rows of Q, K, V within one query group."""
-        return (self.q_rows_per_group, self.head_dim, self.head_dim)
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """How one parameter is updated and laid out over process groups.
-
-    rule: "sphere_muon" | "sphere_adam" | "adamw" | "muon".
-    group: the process group whose ranks hold the shards of this parameter (TP, or expert-TP for
-        experts); None when this rank holds the whole parameter.
-    partition_dim: the sharded dim with ``group``: 0 = rows (column-parallel), 1 = cols (row-parallel).
-    qkv_split: fused-QKV rows of this rank; Q, K and V become three matrices (matrix rules only).
-    batch_key: matrices with the same key and local shape share one batched Newton-Schulz
-        (e.g. "layer3.experts.fc1"); None = not batched with other parameters.
-    is_expert: use the expert data-parallel group in layer-wise mode.
-    sphere_key: sphere rules only: parameters with the same key share ONE sphere (one radius, one
-        step norm, one retraction over all of them), e.g. every routed expert of a layer
-        (``optim.expert_sphere: per_layer``); None = the parameter (each Q/K/V piece) is its own sphere.
-    sphere_group: the group over which the members of a shared sphere are spread (the expert-parallel
-        group); their norms are summed over it by one more all-reduce. None = all members are local.
-    """
-
-    rule: str
-    group: dist.ProcessGroup | None = None
-    partition_dim: int | None = None
-    qkv_split: QKVSplit | None = None
-    batch_key: Hashable | None = None
-    is_expert: bool = False
-    sphere_key: Hashable | None = None
-    sphere_group: dist.ProcessGroup | None = None
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
-        if self.partition_dim not in (None, 0, 1):
-            raise ValueError(f"partition_dim must be None, 0 (rows) or 1 (cols), got {self.partition_dim!r}")
-        if self.group is not None and self.partition_dim is None:
-            raise ValueError("a ParamLayout with a group needs partition_dim (the dim the group shards)")
-        if self.rule not in MATRIX_RULES and (self.qkv_split is not None or self.batch_key is not None):
-            raise ValueError(f"qkv_split and batch_key apply to {MATRIX_RULES} only, not {self.rule!r}")
-        if self.sphere_key is not None and (self.rule not in SPHERE_RULES or self.qkv_split is not None):
-            raise ValueError(f"sphere_key applies to whole {SPHERE_RULES} matrices only, not {self.rule!r} "
-                             "or a fused QKV")
-        if self.sphere_group is not None and self.sphere_key is None:
-            raise ValueError("a ParamLayout with a sphere_group needs a sphere_key")
-
-
-@dataclass(eq=False)
-class _PlannedParam:
-    """One parameter with everything the step needs, derived once from its layout."""
-
-    param: torch.Tensor
-    layout: ParamLayout
-    group_index: int
-    shard_count: int  # ranks in layout.group (1 when unsharded)
-    num_row_groups: int  # query groups of a fused QKV, else 1
-    piece_rows: tuple[int, ...]  # rows of each piece within one row group
-    ns_mode: str
-    owner_rank: int | None = None  # layer-wise: the DP rank that updates it; None = every rank
-    updated_here: bool = True  # False on the other DP ranks in layer-wise mode
-
-    @property
-    def shard_group(self) -> dist.ProcessGroup | None:
-        """The group to reduce over; None when this rank holds the whole matrix."""
-        return self.layout.group if self.shard_count > 1 else None
-
-    def as_row_groups(self, tensor: torch.Tensor) -> torch.Tensor:
-        """(m_local, n) -> (num_row_groups, rows_per_group, n), a view."""
-        return tensor.view(self.num_row_groups, -1, tensor.size(-1))
-
-    def split_pieces(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """(m_local, n) -> one (piece_rows_local, n) tensor per matrix (Q, K, V or the whole)."""
-        if len(self.piece_rows) == 1:
-            return [tensor]
-        pieces = self.as_row_groups(tensor).split(self.piece_rows, dim=1)  # (groups, rows, n) each
-        return [piece.reshape(-1, tensor.size(-1)) for piece in pieces]
-
-    def merge_pieces(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        if len(pieces) == 1:
-            return pieces[0].view_as(self.param)
-        grouped = [piece.view(self.num_row_groups, -1, piece.size(-1)) for piece in pieces]
-        return torch.cat(grouped, dim=1).view_as(self.param)
-
-    def full_piece_shapes(self) -> list[tuple[int, int]]:
-        """Shapes of the whole (unsharded) matrices."""
-        shapes = []
-        for rows in self.piece_rows:
-            shape = [self.num_row_groups * rows, self.param.size(-1)]
-            if self.layout.partition_dim is not None:
-                shape[self.layout.partition_dim] *= self.shard_count
-            shapes.append((shape[0], shape[1]))
-        return shapes
-
-    def row_scale(self, per_piece: torch.Tensor) -> torch.Tensor:
-        """(num_pieces,) -> (1, rows_per_group, 1), broadcastable over ``as_row_groups``."""
-        rows = [value.expand(count) for value, count in zip(per_piece.unbind(), self.piece_rows)]
-        return torch.cat(rows).view(1, -1, 1)
-
-    def piece_sums(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """Local sum of left * right over each piece: (num_pieces,)."""
-        if len(self.piece_rows) == 1 and left.is_contiguous() and right.is_contiguous():
-            return torch.dot(left.view(-1), right.view(-1)).view(1)  # no (m, n) temporary
-        row_sums = (self.as_row_groups(left) * self.as_row_groups(right)).sum(dim=(0, 2))
-        return torch.stack([chunk.sum() for chunk in row_sums.split(self.piece_rows)])
-
-
-def newton_schulz_cost(shape: tuple[int, int]) -> int:
-    """Relative Newton-Schulz flops of an (m, n) matrix: m n min(m, n)."""
-    return shape[0] * shape[1] * min(shape)
+    param: torch.Tensor  # the parameter it is part of
+    index: int  # Q, K, V = 0, 1, 2 of a fused QKV; else 0
+    local: torch.Tensor  # this rank's shard of the piece (a copy for Q, K, V, else a view)
+    group: dist.ProcessGroup | None  # the group sharding it (None: whole here)
+    partition_dim: int | None
+    is_expert: bool
 
 
 def assign_to_ranks(costs: list[float], num_ranks: int) -> list[int]:
@@ -247,7 +139,7 @@ class SphereMuon(torch.optim.Optimizer):
         self.batched = batched
         self._batches: tuple[tuple, list[sphere_batched.MatrixBatch]] = ((), [])
         self._layout_by_param_id = {id(param): layout for param, layout in layouts.items()}
-        self._plan: list[_PlannedParam] | None = None
+        self._plan: list[PlannedParam] | None = None
         defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decay_peak_lr=decay_peak_lr)
         super().__init__(params, defaults)
@@ -267,22 +159,22 @@ class SphereMuon(torch.optim.Optimizer):
             _validate_layout_for_param(layout, param, where)
         self._plan = None
 
-    def _get_plan(self) -> list[_PlannedParam]:
+    def _get_plan(self) -> list[PlannedParam]:
         if self._plan is None:
             self._plan = self._build_plan()
         return self._plan
 
-    def _planned_by_id(self) -> dict[int, _PlannedParam]:
+    def _planned_by_id(self) -> dict[int, PlannedParam]:
         return {id(planned.param): planned for planned in self._get_plan()}
 
-    def _build_plan(self) -> list[_PlannedParam]:
+    def _build_plan(self) -> list[PlannedParam]:
         plan = []
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 layout = self._layout_by_param_id[id(param)]
                 shard_count = 1 if layout.group is None else dist.get_world_size(layout.group)
                 split = layout.qkv_split
-                planned = _PlannedParam(
+                planned = PlannedParam(
                     param=param,
                     layout=layout,
                     group_index=group_index,
@@ -305,7 +197,7 @@ class SphereMuon(torch.optim.Optimizer):
         groups = [(self.layer_wise_dp_group, False), (self.layer_wise_expert_dp_group, True)]
         return [(group, is_expert) for group, is_expert in groups if group is not None]
 
-    def _ns_mode_for(self, planned: _PlannedParam) -> str:
+    def _ns_mode_for(self, planned: PlannedParam) -> str:
         is_sharded_matrix = planned.shard_count > 1 and planned.layout.rule in MATRIX_RULES
         if self.ns_mode != "distributed" or not is_sharded_matrix:
             return self.ns_mode
@@ -331,31 +223,31 @@ class SphereMuon(torch.optim.Optimizer):
             self._batched_step(owned)
             self._all_gather_layer_wise_params()
             return loss
-        directions: dict[_PlannedParam, torch.Tensor] = {}
+        directions: dict[PlannedParam, torch.Tensor] = {}
         for planned in owned:
             hyper, state = self.param_groups[planned.group_index], self.state[planned.param]
             grad = planned.param.grad.float()
             if planned.layout.rule in MATRIX_RULES:
-                directions[planned] = _nesterov_momentum(grad, state, hyper["momentum"])
+                directions[planned] = nesterov_momentum(grad, state, hyper["momentum"])
             else:
-                directions[planned] = _adam_direction(grad, state, hyper["betas"], hyper["eps"])
+                directions[planned] = adam_direction(grad, state, hyper["betas"], hyper["eps"])
         matrices = [p for p in owned if p.layout.rule in MATRIX_RULES]
         directions.update(self._orthogonalize_in_batches(matrices, directions))
 
         for planned in owned:
             if planned.layout.rule == "adamw":
-                _adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
+                adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
             elif planned.layout.rule == "muon":
-                _muon_step(planned, directions[planned], self.param_groups[planned.group_index])
+                muon_step(planned, directions[planned], self.param_groups[planned.group_index])
         self._sphere_steps([p for p in owned if p.layout.rule in SPHERE_RULES], directions)
         self._all_gather_layer_wise_params()
         return loss
 
-    def _batched_step(self, owned: list[_PlannedParam]) -> None:
+    def _batched_step(self, owned: list[PlannedParam]) -> None:
         """The step of ``owned`` with the matrix rules batched across layers (``sphere_batched``)."""
         matrices = [p for p in owned if p.layout.rule in MATRIX_RULES]
         others = [p for p in owned if p.layout.rule not in MATRIX_RULES]
-        directions = {p: _adam_direction(p.param.grad.float(), self.state[p.param],
+        directions = {p: adam_direction(p.param.grad.float(), self.state[p.param],
                                          self.param_groups[p.group_index]["betas"],
                                          self.param_groups[p.group_index]["eps"]) for p in others}
         if self._batches[0] != tuple(matrices):  # the plan or the set of parameters with gradients changed
@@ -385,17 +277,17 @@ class SphereMuon(torch.optim.Optimizer):
                 sphere_batched.muon_update(batch, weights[index], orthogonal[index], hyper["lr"], decay_factor(hyper))
         sphere_batched.write_back(batches, weights)
         for planned, stats in zip(adam_spheres, sum_shared_spheres(adam_spheres, list(summed))):
-            _retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param],
+            retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param],
                                    self.param_groups[planned.group_index])
         for planned in others:
             if planned.layout.rule == "adamw":
-                _adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
+                adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
 
     def _orthogonalize_in_batches(
-        self, matrices: list[_PlannedParam], directions: dict[_PlannedParam, torch.Tensor]
-    ) -> dict[_PlannedParam, torch.Tensor]:
+        self, matrices: list[PlannedParam], directions: dict[PlannedParam, torch.Tensor]
+    ) -> dict[PlannedParam, torch.Tensor]:
         """NS5 of every matrix piece; pieces with the same batch id, shape and group go together."""
-        batches: dict[tuple, list[tuple[_PlannedParam, int, torch.Tensor]]] = {}
+        batches: dict[tuple, list[tuple[PlannedParam, int, torch.Tensor]]] = {}
         for planned in matrices:
             layout = planned.layout
             batch_id = ("key", layout.batch_key) if layout.batch_key is not None else ("param", id(planned))
@@ -403,7 +295,7 @@ class SphereMuon(torch.optim.Optimizer):
             for piece_index, piece in enumerate(planned.split_pieces(directions[planned])):
                 key = (batch_id, tuple(piece.shape), *sharding)
                 batches.setdefault(key, []).append((planned, piece_index, piece))
-        orthogonal_pieces: dict[_PlannedParam, dict[int, torch.Tensor]] = {p: {} for p in matrices}
+        orthogonal_pieces: dict[PlannedParam, dict[int, torch.Tensor]] = {p: {} for p in matrices}
         # Insertion order = parameter order, identical on every rank: collectives line up.
         for jobs in batches.values():
             first = jobs[0][0]
@@ -423,10 +315,10 @@ class SphereMuon(torch.optim.Optimizer):
         }
 
     def _sphere_steps(
-        self, spheres: list[_PlannedParam], directions: dict[_PlannedParam, torch.Tensor]
+        self, spheres: list[PlannedParam], directions: dict[PlannedParam, torch.Tensor]
     ) -> None:
         """Step and retract every sphere matrix with one all-reduce of scalars per process group."""
-        by_group: dict[int, tuple[dist.ProcessGroup | None, list[_PlannedParam], list[torch.Tensor]]] = {}
+        by_group: dict[int, tuple[dist.ProcessGroup | None, list[PlannedParam], list[torch.Tensor]]] = {}
         for planned in spheres:
             stats = _local_sphere_stats(planned, directions[planned])
             group = planned.shard_group
@@ -438,7 +330,7 @@ class SphereMuon(torch.optim.Optimizer):
             summed = sum_shared_spheres(members, _sum_over_shards(stats_list, group))
             for planned, stats in zip(members, summed):
                 hyper = self.param_groups[planned.group_index]
-                _retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param], hyper)
+                retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param], hyper)
 
     def _all_gather_layer_wise_params(self) -> None:
         for dp_group, is_expert in self._layer_wise_groups():
@@ -477,6 +369,53 @@ class SphereMuon(torch.optim.Optimizer):
         is_expert = self.layout(param).is_expert
         return any(flag == is_expert for _, flag in self._layer_wise_groups())
 
+    # ------------------------------------------------------------------ monitoring
+
+    @torch.no_grad()
+    def radius_drift(self) -> torch.Tensor:
+        """max of ``| ||W|| / R - 1 |`` over the sphere pieces (Q, K, V separately; experts separately) whose
+        radius ``R`` is held here, as a float64 scalar on the parameters' device (0 when none is).
+
+        Collective: ``||W||^2`` is summed over each group that shards the sphere matrices (one all-reduce per
+        group; every rank of the group holds the same matrices, so the collectives line up) and shared spheres
+        over their sphere group. ``R`` lives only where a matrix is updated (layer-wise DP: one DP rank), so
+        the caller reduces the result with MAX over the data-parallel (or whole) world."""
+        by_group: dict[int, tuple] = {}
+        for planned in self._get_plan():
+            if planned.layout.rule not in SPHERE_RULES:
+                continue
+            weight = planned.param.detach().float()
+            radius = self.state.get(planned.param, {}).get("radius")
+            group = planned.shard_group
+            by_group.setdefault(id(group), (group, []))[1].append((planned, planned.piece_sums(weight, weight), radius))
+        drift = torch.zeros((), dtype=torch.float64, device=self.param_groups[0]["params"][0].device)
+        for group, items in by_group.values():
+            flat = torch.cat([squares for _, squares, _ in items])
+            if group is not None:
+                dist.all_reduce(flat, group=group)  # the TP / expert-TP group sharding these matrices
+            # Shared spheres (optim.expert_sphere per_layer): the norm of all members together (EP all-reduce).
+            summed = sum_shared_spheres([planned for planned, _, _ in items],
+                                        list(flat.split([len(squares) for _, squares, _ in items])))
+            for squares, (_, _, radius) in zip(summed, items):
+                if radius is not None:
+                    drift = torch.maximum(drift, (squares.sqrt() / radius - 1).abs().max().double())
+        return drift
+
+    def matrix_pieces(self) -> list[MatrixPiece]:
+        """Every matrix a Newton-Schulz rule (sphere_muon, muon) updates, as the step sees it: each piece of a
+        fused QKV and each expert separately, with the group that shards it. In plan order (the same on every
+        rank of a group). Call it when the current weights are wanted (Q, K, V pieces are copies)."""
+        pieces = []
+        for planned in self._get_plan():
+            if planned.layout.rule not in MATRIX_RULES:
+                continue
+            for index, local in enumerate(planned.split_pieces(planned.param.detach())):
+                pieces.append(MatrixPiece(planned.param, index, local, planned.shard_group,
+                                          planned.layout.partition_dim, planned.layout.is_expert))
+        return pieces
+
+    # ------------------------------------------------------------------ state
+
     def init_state(self) -> None:
         """Create (zero) state for every parameter updated here, so that a checkpoint can be loaded
         into it. Only for loading: a zero ``radius`` is overwritten by the checkpoint's."""
@@ -494,8 +433,6 @@ class SphereMuon(torch.optim.Optimizer):
             if rule in SPHERE_RULES:
                 state["radius"] = torch.zeros(len(planned.piece_rows), dtype=torch.float32,
                                               device=planned.param.device)
-
-    # ------------------------------------------------------------------ state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts floating state to the parameter dtype; keep it fp32 (and a private copy)."""
@@ -544,10 +481,10 @@ def _validate_layout_for_param(layout: ParamLayout, param: torch.Tensor, where: 
         raise ValueError(f"{where}: its layout names a process group; initialize torch.distributed first")
 
 
-# ---------------------------------------------------------------------- pure update pieces
+# ---------------------------------------------------------------------- layer-wise data parallel; reductions over shards
 
 
-def _assign_layer_wise_owners(planned_params: list[_PlannedParam], dp_group: dist.ProcessGroup) -> None:
+def _assign_layer_wise_owners(planned_params: list[PlannedParam], dp_group: dist.ProcessGroup) -> None:
     """Whole matrices to DP ranks, balanced by update cost; the same result on every DP rank."""
     costs = []
     for planned in planned_params:
@@ -561,7 +498,7 @@ def _assign_layer_wise_owners(planned_params: list[_PlannedParam], dp_group: dis
         planned.updated_here = owner == dist.get_rank(dp_group)
 
 
-def _all_gather_owned_params(planned_params: list[_PlannedParam], dp_group: dist.ProcessGroup) -> None:
+def _all_gather_owned_params(planned_params: list[PlannedParam], dp_group: dist.ProcessGroup) -> None:
     """Every DP rank contributes the parameters it updated; afterwards all ranks hold all of them."""
     num_ranks, rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     for dtype in sorted({p.param.dtype for p in planned_params}, key=str):
@@ -594,7 +531,7 @@ def _sum_over_shards(stats_list: list[torch.Tensor], group: dist.ProcessGroup | 
     return [chunk.view_as(stats) for chunk, stats in zip(chunks, stats_list)]
 
 
-def sum_shared_spheres(members: list[_PlannedParam], stats_list: list[torch.Tensor]) -> list[torch.Tensor]:
+def sum_shared_spheres(members: list[PlannedParam], stats_list: list[torch.Tensor]) -> list[torch.Tensor]:
     """Members with the same ``layout.sphere_key`` form one sphere: each gets the sum of their (whole-matrix)
     statistics, over the local members and then over ``layout.sphere_group`` (one all-reduce per group,
     all keys in one flat buffer). Others keep their own. Each member's stats hold one piece (no fused QKV)."""
@@ -621,83 +558,31 @@ def sum_shared_spheres(members: list[_PlannedParam], stats_list: list[torch.Tens
     return out
 
 
-def _local_sphere_stats(planned: _PlannedParam, direction: torch.Tensor) -> torch.Tensor:
+def _local_sphere_stats(planned: PlannedParam, direction: torch.Tensor) -> torch.Tensor:
     """(3, num_pieces): this rank's partial sums ||W||^2, <W, D>, ||D||^2 of each piece."""
     weight = planned.param.float()
     return torch.stack([planned.piece_sums(weight, weight), planned.piece_sums(weight, direction),
                         planned.piece_sums(direction, direction)])
 
 
-def _nesterov_momentum(grad: torch.Tensor, state: dict, momentum: float) -> torch.Tensor:
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
-    buffer = state["momentum_buffer"]
-    buffer.mul_(momentum).add_(grad)
-    return grad + momentum * buffer
+# ---------------------------------------------------------------------- inside Megatron's wrappers
 
 
-def _adam_direction(grad: torch.Tensor, state: dict, betas: tuple[float, float], eps: float) -> torch.Tensor:
-    if "step" not in state:
-        state["step"] = 0  # a Python int: bias corrections need no host sync
-        state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-    beta1, beta2 = betas
-    state["step"] += 1
-    state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    exp_avg_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
-    exp_avg_sq_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
-    return exp_avg_hat / (exp_avg_sq_hat.sqrt() + eps)
+def leaf_optimizers(optimizer) -> list:
+    """Megatron optimizers inside a (possibly chained) Megatron optimizer, in a rank-independent order."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is None:
+        return [optimizer]
+    return [leaf for inner in chained for leaf in leaf_optimizers(inner)]
 
 
-def decay_factor(hyper: dict) -> float:
-    """The weight's factor ``1 - eta(t) wd`` or, with ``decay_peak_lr``, ``1 - (eta(t) / eta_peak) wd``."""
-    return reference_decay_factor(hyper["lr"], hyper["weight_decay"], hyper.get("decay_peak_lr"))
-
-
-def _adamw_step(planned: _PlannedParam, direction: torch.Tensor, hyper: dict) -> None:
-    param, lr = planned.param, hyper["lr"]
-    param.copy_(param.float() * decay_factor(hyper) - lr * direction)
-
-
-def _muon_step(planned: _PlannedParam, orthogonal: torch.Tensor, hyper: dict) -> None:
-    """W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O, fan sizes of each whole piece."""
-    param, lr = planned.param, hyper["lr"]
-    weight = planned.as_row_groups(param.float()) * decay_factor(hyper)  # a new tensor
-    orthogonal = planned.as_row_groups(orthogonal)
-    start = 0
-    for rows, (full_rows, full_cols) in zip(planned.piece_rows, planned.full_piece_shapes()):
-        piece = slice(start, start + rows)
-        weight[:, piece] -= lr * math.sqrt(full_rows / full_cols) * orthogonal[:, piece]
-        start += rows
-    param.copy_(weight.view_as(param))
-
-
-def _retracted_sphere_step(
-    planned: _PlannedParam, direction: torch.Tensor, stats: torch.Tensor, state: dict, hyper: dict
-) -> None:
-    """W <- R (c W - s D) / ||c W - s D|| per piece, c = 1 - eta wd, s = eta R / ||D||.
-
-    stats: (3, num_pieces) = ||W||^2, <W, D>, ||D||^2 summed over the whole matrices.
-    """
-    weight_sq, weight_dot_direction, direction_sq = stats.unbind()
-    if "radius" not in state:
-        state["radius"] = weight_sq.sqrt()  # (num_pieces,): R = ||W_0||, before any decay
-    radius, lr = state["radius"], hyper["lr"]
-    decay = decay_factor(hyper)
-    direction_norm = direction_sq.sqrt()
-    # An all-zero direction (zero gradient) gives no step rather than 0 * inf = NaN.
-    step_scale = torch.where(direction_norm > 0, lr * radius / direction_norm, torch.zeros_like(radius))
-    new_weight_sq = (
-        decay**2 * weight_sq - 2 * decay * step_scale * weight_dot_direction + step_scale**2 * direction_sq
-    )
-    retraction = radius / new_weight_sq.sqrt()
-    weight_scale, direction_scale = planned.row_scale(retraction * decay), planned.row_scale(retraction * step_scale)
-    if planned.param.dtype == torch.float32 and planned.param.is_contiguous():
-        # In place on the fp32 (master) weight: no (m, n) temporaries.
-        weight = planned.as_row_groups(planned.param)
-        weight.mul_(weight_scale).addcmul_(planned.as_row_groups(direction), -direction_scale)
-        return
-    weight = planned.as_row_groups(planned.param.float()) * weight_scale
-    weight = weight - planned.as_row_groups(direction) * direction_scale
-    planned.param.copy_(weight.view_as(planned.param))
+def sphere_optimizers(optimizer) -> list[SphereMuon]:
+    """The SphereMuon instances inside a Megatron optimizer (``optim/builder.py``; empty under AdamW)."""
+    found = []
+    for leaf in leaf_optimizers(optimizer):
+        inner = leaf
+        while inner is not None and not isinstance(inner, SphereMuon):
+            inner = getattr(inner, "optimizer", None)
+        if inner is not None:
+            found.append(inner)
+    return found

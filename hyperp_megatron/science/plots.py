@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from hyperp_megatron.science import claims as C
+from hyperp_megatron.science.ladders import actual_ladder_of, ladder_of
 
 
 def _plt():
@@ -104,7 +105,6 @@ def _save(fig, out_dir: Path, name: str) -> str:
 
 def write_all(analysis, out_dir: Path) -> dict[str, list[str]]:
     """Every figure the results allow; returns claim -> file names."""
-    from hyperp_megatron.science.report import _actual_ladder, _ladder
 
     plt = _plt()
     names = {e.name for e in analysis.spec.experiments}
@@ -118,9 +118,9 @@ def write_all(analysis, out_dir: Path) -> dict[str, list[str]]:
         variants = [v.name for v in analysis.spec.experiment("depth").variants]
         fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), squeeze=False)
         for ax, variant in zip(axes[0], variants):
-            _sweep_panel(ax, _ladder(analysis, "depth", variant), f"depth ladder: {variant}")
+            _sweep_panel(ax, ladder_of(analysis, "depth", variant), f"depth ladder: {variant}")
         add(["transfer", "depth_mup", "compute"], _save(fig, out_dir, "depth_lr.png"))
-        ladders = {v: _ladder(analysis, "depth", v) for v in variants if v != "muon"}
+        ladders = {v: ladder_of(analysis, "depth", v) for v in variants if v != "muon"}
         fig, ax = plt.subplots(figsize=(4.6, 3.6))
         _optima_panel(ax, ladders, "depth d (C = 16 d)")
         add(["transfer", "depth_mup"], _save(fig, out_dir, "depth_optimum.png"))
@@ -128,13 +128,13 @@ def write_all(analysis, out_dir: Path) -> dict[str, list[str]]:
         _compute_figure(analysis, out_dir, add, plt)
     if "width" in names:
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
-        ladder = _ladder(analysis, "width", "hyperp")
+        ladder = ladder_of(analysis, "width", "hyperp")
         _sweep_panel(axes[0], ladder, "width ladder (d = 4)")
         _optima_panel(axes[1], {"hyperp": ladder}, "width C")
         add(["transfer"], _save(fig, out_dir, "width_lr.png"))
     if "tokens" in names:
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
-        ladder = _actual_ladder(analysis, "tokens")
+        ladder = actual_ladder_of(analysis, "tokens")
         _sweep_panel(axes[0], ladder, "token budgets", xlabel="peak LR")
         _optima_panel(axes[1], {"hyperp": ladder}, "training tokens", reference_slope=-0.32)
         add(["token_law"], _save(fig, out_dir, "tokens_lr.png"))
@@ -197,10 +197,9 @@ def _compute_figure(analysis, out_dir, add, plt) -> None:
 
 
 def _moe_figures(analysis, out_dir, add, plt) -> None:
-    from hyperp_megatron.science.report import _ladder
 
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
-    ladders = {gate: _ladder(analysis, "moe", gate) for gate in ("sqrt", "plain")}
+    ladders = {gate: ladder_of(analysis, "moe", gate) for gate in ("sqrt", "plain")}
     for ax, (gate, ladder) in zip(axes, ladders.items()):
         _sweep_panel(ax, ladder, f"MoE granularity k: {gate} gate")
     add(["sqrt_gate"], _save(fig, out_dir, "moe_lr.png"))
@@ -219,11 +218,10 @@ def _moe_figures(analysis, out_dir, add, plt) -> None:
 
 
 def _norm_figure(analysis, out_dir, add, plt, experiments) -> None:
-    from hyperp_megatron.science.report import _ladder
 
     fig, axes = plt.subplots(1, len(experiments), figsize=(4.4 * len(experiments), 3.6), squeeze=False)
     for ax, experiment in zip(axes[0], experiments):
-        ladder = _ladder(analysis, experiment, "hyperp")
+        ladder = ladder_of(analysis, experiment, "hyperp")
         for color, (_, sweep) in zip(_colors(len(ladder)), ladder):
             pts = sorted((r.base_lr, r.run.monitors.get("output_rms_inf")) for r in sweep.rows
                          if r.run.finite and r.run.monitors.get("output_rms_inf"))

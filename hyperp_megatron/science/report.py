@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hyperp_megatron.science import claims as C
+from hyperp_megatron.science.ladders import actual_ladder_of, ladder_of
 from hyperp_megatron.science.results import collect, completeness, experiment_rows
 from hyperp_megatron.science.sweep import Spec, plan
 
@@ -38,23 +39,6 @@ class Analysis:
     notes: list = field(default_factory=list)
 
 
-def _ladder(analysis: Analysis, experiment: str, variant: str, coordinate: str | None = None):
-    """[(scale coordinate, Sweep)] of one variant, sorted by the coordinate (a resolved config value)."""
-    exp = analysis.spec.experiment(experiment)
-    key = coordinate or exp.scale_key
-    out = []
-    for (v, scale), sweep in analysis.sweeps.get(experiment, {}).items():
-        if v != variant:
-            continue
-        finished = [r.run for r in sweep.rows if r.run.config]
-        if not finished:
-            continue
-        x = finished[0].tokens if key == "tokens" else finished[0].value(key)
-        if x is not None:
-            out.append((float(x), sweep))
-    return sorted(out, key=lambda item: item[0])
-
-
 def analyze(spec: Spec, results_dir: str | Path) -> Analysis:
     runs = plan(spec)
     analysis = Analysis(spec, Path(results_dir), runs, collect(spec, results_dir, runs))
@@ -70,26 +54,26 @@ def analyze(spec: Spec, results_dir: str | Path) -> Analysis:
                           f"{'n/a' if noise is None else f'{noise:.4f} nats (median sd over LRs, 3 seeds)'}")
     v = analysis.verdicts
     if "depth" in names or "width" in names:
-        parts = [C.slope_verdict("transfer", C.slope_across(_ladder(analysis, e, "hyperp")),
-                                 C._edges(_ladder(analysis, e, "hyperp")), analysis.rows[e], flat=True,
+        parts = [C.slope_verdict("transfer", C.slope_across(ladder_of(analysis, e, "hyperp")),
+                                 C._edges(ladder_of(analysis, e, "hyperp")), analysis.rows[e], flat=True,
                                  paper=C.PAPER["transfer"]) for e in ("depth", "width") if e in names]
         v["transfer"] = _combine("transfer", parts, ("depth", "width"))
     if "tokens" in names:
-        ladder = _actual_ladder(analysis, "tokens")
+        ladder = actual_ladder_of(analysis, "tokens")
         v["token_law"] = _token_verdict(ladder, analysis.rows["tokens"])
     if "depth" in names:
-        ladder = _ladder(analysis, "depth", "no_depth_mup")
+        ladder = ladder_of(analysis, "depth", "no_depth_mup")
         v["depth_mup"] = C.slope_verdict("depth_mup", C.slope_across(ladder), C._edges(ladder),
                                          analysis.rows["depth"], flat=False, expected=-0.5, paper=C.PAPER["depth_mup"])
-        v["stability"] = C.stability_verdict(_ladder(analysis, "depth", "hyperp"), analysis.rows["depth"])
-        v["compute"] = C.compute_verdict(_ladder(analysis, "depth", "hyperp"), _ladder(analysis, "depth", "muon"),
+        v["stability"] = C.stability_verdict(ladder_of(analysis, "depth", "hyperp"), analysis.rows["depth"])
+        v["compute"] = C.compute_verdict(ladder_of(analysis, "depth", "hyperp"), ladder_of(analysis, "depth", "muon"),
                                          analysis.rows["depth"], noise)
     if "weight_decay" in names:
         v["weight_decay"] = C.weight_decay_verdict(wd.get(("wd0", "base")), wd.get(("wd0.1", "base")),
                                                    analysis.rows["weight_decay"])
     if "moe" in names:
         v["sqrt_gate"] = _sqrt_gate_verdict(analysis)
-    groups = {e: [s for _, s in _ladder(analysis, e, "hyperp")] for e in ("tokens", "batch") if e in names}
+    groups = {e: [s for _, s in ladder_of(analysis, e, "hyperp")] for e in ("tokens", "batch") if e in names}
     if groups:
         v["norm_transfer"] = C.norm_transfer_verdict(groups, rows_of("tokens", "batch"))
     return analysis
@@ -103,18 +87,6 @@ def _combine(claim: str, parts: list, labels) -> C.Verdict:
     return C.Verdict(claim, verdict, {l: p.measured for l, p in zip(labels, parts)},
                      {l: p.uncertainty for l, p in zip(labels, parts)}, C.PAPER[claim],
                      parts[0].rule if parts else "", why)
-
-
-def _actual_ladder(analysis: Analysis, experiment: str):
-    """Tokens -> sweep refitted against the ACTUAL peak LR (the token rule moves it with T)."""
-    rows = analysis.rows[experiment]
-    actual = C.sweeps(experiment, rows, x="actual")
-    out = []
-    for (variant, scale), sweep in actual.items():
-        tokens = [r.run.tokens for r in sweep.rows if r.run.tokens]
-        if variant == "hyperp" and tokens:
-            out.append((tokens[0], sweep))
-    return sorted(out, key=lambda item: item[0])
 
 
 def _token_verdict(ladder, rows) -> C.Verdict:
@@ -136,7 +108,7 @@ def _sqrt_gate_verdict(analysis: Analysis) -> C.Verdict:
     rows = analysis.rows["moe"]
     details, laws = {}, {}
     for gate in ("sqrt", "plain"):
-        ladder = _ladder(analysis, "moe", gate)
+        ladder = ladder_of(analysis, "moe", gate)
         laws[gate] = C.slope_across(ladder)
         rms = [(k, C.nearest_run(s).run.monitors.get("mlp_rms")) for k, s in ladder if C.nearest_run(s)]
         rms = [(k, r) for k, r in rms if r]
@@ -170,7 +142,7 @@ def _sqrt_gate_verdict(analysis: Analysis) -> C.Verdict:
     why = (f"SqrtGate: optimal-LR slope {sqrt_lr.slope:+.3f} +- {sqrt_lr.slope_sd:.3f}, branch-RMS slope "
            f"{sqrt_rms:+.3f}; plain gate: RMS slope {plain_rms if plain_rms is None else f'{plain_rms:+.3f}'}"
            + (f", LR slope {laws['plain'].slope:+.3f} +- {laws['plain'].slope_sd:.3f}" if laws["plain"] else ""))
-    edges = C._edges(_ladder(analysis, "moe", "sqrt"))
+    edges = C._edges(ladder_of(analysis, "moe", "sqrt"))
     if edges and verdict == C.HOLDS:
         verdict, why = C.OPEN, why + f"; best LR at the grid edge at {edges}"
     return C.Verdict("sqrt_gate", verdict, {"lr_slope": sqrt_lr.slope, "rms_slope": sqrt_rms},

@@ -1,5 +1,5 @@
 """What a sweep's results folder holds, as tables: one :class:`RunResult` per finished run (its status,
-final validation loss, derived values recomputed from its resolved config, the last monitor record) and the
+final validation loss, derived values (its ``derived.json``), the last monitor record) and the
 per-(variant, scale) LR sweeps of an experiment."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from hyperp_megatron.config import load_config
+from hyperp_megatron.derived import derive, read_derived
 from hyperp_megatron.science.sweep import Spec, SweepRun, plan, read_status, run_dir
 
 
@@ -64,16 +66,15 @@ def _last_monitor_record(path: Path) -> dict:
 
 
 def _derived(folder: Path) -> dict:
-    from hyperp_megatron.config import load_config
-    from hyperp_megatron.transfer import derive
-
-    try:
-        cfg = load_config(folder / "config.yaml")
-        derived = derive(cfg, 1)
-    except (ValueError, OSError):
-        return {}
-    return {"lr": derived.lr, "flops": derived.train_flops, "tokens": float(derived.trained_tokens),
-            "num_params": derived.num_params, "batch_tokens": derived.batch_tokens}
+    """The run's derived values: its ``derived.json`` (what it trained with), else derived from its config."""
+    recorded = read_derived(folder)
+    if recorded is None:
+        try:
+            recorded = derive(load_config(folder / "config.yaml"), 1).to_dict()
+        except (ValueError, OSError):
+            return {}
+    return {"lr": recorded["lr"], "flops": recorded["train_flops"], "tokens": float(recorded["trained_tokens"]),
+            "num_params": recorded["num_params"], "batch_tokens": recorded["batch_tokens"]}
 
 
 def collect(spec: Spec, results: str | Path, runs: list[SweepRun] | None = None) -> dict[str, RunResult]:

