@@ -10,11 +10,15 @@ nothing from the network: the data is synthetic, made here)::
     python bench/gpu_check.py --device cpu --write-reference   # the CPU losses the GPU must match
 
 Parts (``bench/gpu_check_parts.py``, in order; a failing part is reported and the rest still run):
-tiny fp32 / bf16 (40 steps, step-1 loss vs the committed CPU reference to 1e-3, TF32 off), checkpoint
-save + resume (bit-exact with ``train.deterministic``; next losses within 1e-4 without), the d8 dense
-shape at seq 2048 with sphere_muon / muon / adamw (tokens/s, MFU vs the GPU's bf16 peak, peak memory),
-the d8 MoE shape, the optimizer step alone, Newton-Schulz vs matmul FLOP/s, and the single-process
-unit tests. Writes ``gpu_check.json`` (``gpu``, ``versions``, ``parts`` = {name: {"ok", "error",
+tiny fp32 / bf16 (40 steps, step-1 loss vs the committed CPU reference to 1e-3, TF32 off and fp32
+Newton-Schulz), checkpoint save + resume (bit-exact with ``train.deterministic``; next losses within 1e-4
+without), then issue 13's targets: dense d8 at 16 x 4096 (MFU >= 50%), sphere Muon vs AdamW tokens/s at
+32 x 4096 (>= 0.95), MoE d8 with grouped experts (MFU >= 25%), the sphere step vs ``torch.optim.Muon``
+with bf16 Newton-Schulz (<= 1.1x), Newton-Schulz bf16 vs matmul FLOP/s (>= 0.7), SDPA attention and
+grouped experts (``bench/attention_experts_bench.py``); then the d8 dense shape at seq 2048 with
+sphere_muon / muon / adamw (tokens/s, MFU vs the GPU's bf16 peak, peak memory) and the single-process
+unit tests. Trainer runs use the trainer's GPU defaults (TF32 on, bf16 Newton-Schulz) except the tiny parts.
+Writes ``gpu_check.json`` (``gpu``, ``versions``, ``parts`` = {name: {"ok", "error",
 ...numbers}}, ``metrics`` = flat name -> number) and ``gpu_check.md`` after every part.
 
 Adding a part: a function ``fn(check) -> dict`` in ``bench/gpu_check_parts.py``, listed in ``PARTS``;
@@ -290,7 +294,9 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    torch.backends.cuda.matmul.allow_tf32 = False  # the CPU comparison is at fp32 precision (torch's default)
+    # The parts outside the trainer start at fp32 precision (torch's default); every trainer run sets TF32
+    # itself (train.tf32: off for the tiny parts, which compare with the CPU).
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = _init_distributed(args.device)
     if device.type == "cpu":
@@ -310,7 +316,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: unknown parts {unknown}; choose from {list(PARTS)}")
     report = {"gpu": gpu, "device": str(device), "versions": versions, "smoke": args.smoke,
               "command": " ".join(["python bench/gpu_check.py", *sys.argv[1:]]), "started": started_at,
-              "peak_bf16_tflops": check.peak_tflops, "tf32": False, "parts": {}, "metrics": {}, "seconds": 0.0}
+              "peak_bf16_tflops": check.peak_tflops, "tf32": "off: tiny parts, deterministic resume; on: other trainer runs", "parts": {}, "metrics": {}, "seconds": 0.0}
     for name in selected:
         if time.perf_counter() - started > args.budget_s:
             report["parts"][name] = {"ok": False, "error": f"skipped: the {args.budget_s:.0f} s budget was spent",

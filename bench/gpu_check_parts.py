@@ -40,8 +40,10 @@ def _steps(check, full: int) -> int:
 
 
 def _tiny(check, precision: str, steps: int, small: bool) -> dict:
-    overrides = check.overrides(f"tiny_{precision}", train={"steps": steps, "precision": precision},
-                                **({"model": SMALL_MODEL} if small else {}))
+    # TF32 off and fp32 Newton-Schulz: the comparison with the CPU is at fp32 precision (the trainer's
+    # defaults on a GPU are TF32 on and bf16 Newton-Schulz).
+    overrides = check.overrides(f"tiny_{precision}", train={"steps": steps, "precision": precision, "tf32": False},
+                                optim={"ns_dtype": "fp32"}, **({"model": SMALL_MODEL} if small else {}))
     result = check.train(TINY_CONFIG, overrides)
     return {"losses": result["losses"], "step_times": [r["step_time"] for r in result["steps"]]}
 
@@ -135,20 +137,22 @@ def checkpoint_resume(check) -> dict:
 # ---------------------------------------------------------------------- d8 shapes: throughput
 
 
-def _d8_overrides(check, name: str, optimizer: str, moe: bool) -> dict:
+def _d8_overrides(check, name: str, optimizer: str, moe: bool, seq: int = 2048, sequences: int | None = None,
+                  steps: int | None = None) -> dict:
     if check.smoke:
         model = dict(SMALL_MODEL, **({"moe": SMALL_MOE} if moe else {}))
         train = {"micro_batch_size": 2, "global_batch_size": 2 if moe else 4, "steps": 2}
     else:
-        # 32 x 2048 = 65,536 tokens per dense step (MoE: 8 x 2048), as measured in shared/GPU.md.
-        model = {"seq_length": 2048}
-        train = {"micro_batch_size": 8, "global_batch_size": 8 if moe else 32, "steps": 6 if moe else 10}
+        # Default: 32 x 2048 = 65,536 tokens per dense step (MoE: 8 x 2048), as measured in shared/GPU.md.
+        model = {"seq_length": seq}
+        train = {"micro_batch_size": 8, "global_batch_size": sequences or (8 if moe else 32),
+                 "steps": steps or (6 if moe else 10)}
     return check.overrides(name, model=model, optim={"name": optimizer}, monitor={"interval": 0},
                            train={**train, "precision": "bf16"})
 
 
-def _throughput(check, config: str, name: str, optimizer: str, moe: bool) -> dict:
-    run = check.train(config, _d8_overrides(check, name, optimizer, moe))
+def _throughput(check, config: str, name: str, optimizer: str, moe: bool, **shape) -> dict:
+    run = check.train(config, _d8_overrides(check, name, optimizer, moe, **shape))
     cfg = run["config"]
     records = run["steps"][3:] if len(run["steps"]) > 4 else run["steps"]  # after compilation / warm-up
     step_s = statistics.median(r["step_time"] for r in records)
@@ -185,12 +189,55 @@ def dense_d8_adamw(check) -> dict:
     return _dense(check, "adamw")
 
 
+def _target(numbers: dict, failures: list, name: str, value, target: float, at_least: bool) -> None:
+    """Record an issue-13 target beside its value; a missed target is a failure of the part (not on the
+    CPU smoke run, which proves only that the part runs)."""
+    numbers[f"target_{name}"] = target
+    if value is None:
+        return
+    met = value >= target if at_least else value <= target
+    numbers[f"target_{name}_met"] = met
+    if not met and not numbers.get("smoke"):
+        failures.append(f"{name} {value:.3g} {'<' if at_least else '>'} target {target}")
+
+
+def dense_d8_seq4096(check) -> dict:
+    """Dense d8, sphere Muon, 16 x 4096 tokens per step (issue 13: >= 50% MFU)."""
+    numbers = _throughput(check, "configs/hyperp/dense_d8.yaml", "dense_d8_seq4096", "sphere_muon", moe=False,
+                          seq=4096, sequences=16, steps=8)
+    failures = numbers.pop("failures")
+    numbers["smoke"] = check.smoke
+    _target(numbers, failures, "mfu", numbers.get("mfu"), 0.50, at_least=True)
+    metrics = {"dense_d8_seq4096_tokens_per_s": numbers["tokens_per_s"]}
+    if "mfu" in numbers:
+        metrics["dense_d8_seq4096_mfu"] = numbers["mfu"]
+    return {**numbers, "metrics": metrics, "failures": failures}
+
+
+def sphere_vs_adamw(check) -> dict:
+    """Dense d8 at 32 x 4096 tokens per step: sphere Muon vs AdamW tokens/s (issue 13: within 5%)."""
+    numbers, failures = {}, []
+    for optimizer in ("sphere_muon", "adamw"):
+        run = _throughput(check, "configs/hyperp/dense_d8.yaml", f"d8_32x4096_{optimizer}", optimizer, moe=False,
+                          seq=4096, sequences=32, steps=6)
+        failures += run.pop("failures")
+        numbers.update({f"{optimizer}_{key}": run[key] for key in ("tokens_per_s", "step_ms", "mfu") if key in run})
+    ratio = numbers["sphere_muon_tokens_per_s"] / numbers["adamw_tokens_per_s"]
+    numbers.update(sphere_over_adamw_tokens_per_s=ratio, smoke=check.smoke)
+    _target(numbers, failures, "sphere_over_adamw_tokens_per_s", ratio, 0.95, at_least=True)
+    return {**numbers, "metrics": {"sphere_over_adamw_tokens_per_s_32x4096": ratio}, "failures": failures}
+
+
 def moe_d8(check) -> dict:
+    """MoE d8 (grouped-GEMM experts where 'auto' picks them), seq 2048 (issue 13: >= 25% MFU)."""
     numbers = _throughput(check, "configs/hyperp/moe_d8.yaml", "moe_d8", "sphere_muon", moe=True)
+    failures = numbers.pop("failures")
+    numbers["smoke"] = check.smoke
+    _target(numbers, failures, "mfu", numbers.get("mfu"), 0.25, at_least=True)
     metrics = {"moe_d8_tokens_per_s": numbers["tokens_per_s"]}
     if "mfu" in numbers:
         metrics["moe_d8_mfu"] = numbers["mfu"]
-    return {**numbers, "metrics": metrics}
+    return {**numbers, "metrics": metrics, "failures": failures}
 
 
 # ---------------------------------------------------------------------- optimizer and Newton-Schulz alone
@@ -218,12 +265,14 @@ def optimizer_step(check) -> dict:
             tensor.grad = grad.clone()
         return tensors
 
-    def sphere(rule, dtype):
+    def sphere(rule, dtype, batched=True):
         tensors = params()
-        return SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=0.02, ns_compute_dtype=dtype)
+        return SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=0.02, ns_compute_dtype=dtype,
+                          batched=batched)
 
     optimizers = {"sphere_fp32_ns": sphere("sphere_muon", None),
                   "sphere_bf16_ns": sphere("sphere_muon", torch.bfloat16),
+                  "sphere_bf16_ns_loop": sphere("sphere_muon", torch.bfloat16, batched=False),
                   "muon_bf16_ns": sphere("muon", torch.bfloat16),
                   "torch_muon": torch.optim.Muon(params(), lr=0.02, weight_decay=0.0),
                   "torch_adamw": torch.optim.AdamW(params(), lr=0.02, betas=(0.9, 0.95), weight_decay=0.0)}
@@ -236,7 +285,11 @@ def optimizer_step(check) -> dict:
                 times[name].append(seconds)
     ms = {f"{name}_ms": 1e3 * statistics.median(values) for name, values in times.items()}
     ratio = ms["sphere_bf16_ns_ms"] / ms["torch_muon_ms"]
-    return {**ms, "params_m": sum(m * n for m, n in shapes) / 1e6, "sphere_step_vs_torch_muon": ratio,
+    numbers = {**ms, "params_m": sum(m * n for m, n in shapes) / 1e6, "sphere_step_vs_torch_muon": ratio,
+               "smoke": check.smoke}
+    failures = []
+    _target(numbers, failures, "sphere_step_vs_torch_muon", ratio, 1.1, at_least=False)
+    return {**numbers, "failures": failures,
             "metrics": {"sphere_step_vs_torch_muon": ratio, "sphere_step_bf16_ms": ms["sphere_bf16_ns_ms"]}}
 
 
@@ -250,6 +303,7 @@ def newton_schulz(check) -> dict:
     short, long = min(rows, cols), max(rows, cols)
     ns_flops = 5 * (4 * short * short * long + 2 * short**3)  # 5 iterations of A = X X^T, B = bA + cA^2, BX
     ns_bf16 = check.time_cuda(lambda: newton_schulz5(update, compute_dtype=torch.bfloat16), repeats)
+    torch.set_float32_matmul_precision("highest")  # fp32 iterations with TF32 off (a trainer run may have set it)
     ns_fp32 = check.time_cuda(lambda: newton_schulz5(update), repeats)
     a = torch.randn(size, size, device=check.device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=check.device, dtype=torch.bfloat16)
@@ -257,8 +311,23 @@ def newton_schulz(check) -> dict:
     tflops = {"ns_bf16_tflops": ns_flops / ns_bf16 / 1e12, "ns_fp32_tflops": ns_flops / ns_fp32 / 1e12,
               "matmul_bf16_tflops": 2 * size**3 / matmul / 1e12}
     ratio = tflops["ns_bf16_tflops"] / tflops["matmul_bf16_tflops"]
-    return {**tflops, "ns_bf16_ms": 1e3 * ns_bf16, "ns_bf16_vs_matmul": ratio,
+    numbers, failures = {**tflops, "ns_bf16_ms": 1e3 * ns_bf16, "ns_bf16_vs_matmul": ratio, "smoke": check.smoke}, []
+    _target(numbers, failures, "ns_bf16_vs_matmul", ratio, 0.7, at_least=True)
+    return {**numbers, "failures": failures,
             "metrics": {"ns_bf16_vs_matmul": ratio, "matmul_bf16_tflops": tflops["matmul_bf16_tflops"]}}
+
+
+def attention_experts(check) -> dict:
+    """``bench/attention_experts_bench.py``: SDPA vs Megatron's local attention, grouped vs sequential
+    experts (smoke: its small shapes in fp32)."""
+    from attention_experts_bench import run
+
+    result = run(str(check.device), "fp32" if check.smoke else "bf16", small=check.smoke,
+                 repeats=2 if check.smoke else 5)
+    errors = [f"{name}: {part['error']}" for name, part in result["parts"].items() if "error" in part]
+    numbers = {f"{name}_{key}": value for name, part in result["parts"].items() for key, value in part.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {**numbers, "metrics": result["metrics"], "failures": errors}
 
 
 # ---------------------------------------------------------------------- unit tests
@@ -276,6 +345,8 @@ def unit_tests(check) -> dict:
             "files": len(files), "metrics": {"unit_tests_passed": counts.get("passed", 0)}, "failures": failures}
 
 
-PARTS = {fn.__name__: fn for fn in (tiny_fp32, tiny_bf16, checkpoint_resume, dense_d8_sphere_muon, dense_d8_muon,
-                                     dense_d8_adamw, moe_d8, optimizer_step, newton_schulz, unit_tests)}
-"""Run in this order; the first ones matter most when the time budget runs out."""
+PARTS = {fn.__name__: fn for fn in (tiny_fp32, tiny_bf16, checkpoint_resume, dense_d8_seq4096, sphere_vs_adamw,
+                                     moe_d8, optimizer_step, newton_schulz, attention_experts, dense_d8_sphere_muon,
+                                     dense_d8_muon, dense_d8_adamw, unit_tests)}
+"""Run in this order; the first ones matter most when the time budget runs out (the issue-13 targets come
+before the seq-2048 comparisons with shared/GPU.md)."""

@@ -264,6 +264,9 @@ class OptimConfig:
     """Muon momentum (Nesterov)."""
     ns_mode: str = "gather"
     """Tensor-parallel Newton-Schulz: 'gather' or 'distributed' (Gram all-reduce)."""
+    ns_dtype: str = "auto"
+    """Newton-Schulz iterations of sphere_muon / muon: 'bf16' (as the HyperP reference and torch's Muon),
+    'fp32', or 'auto' = bf16 on a GPU, fp32 on the CPU (where the exact parity tests run)."""
     expert_sphere: str = "per_expert"
     """Routed-expert spheres under sphere_muon: 'per_expert' (each expert its own sphere; results do not
     depend on EP) or 'per_layer' (all routed experts of a layer on one sphere, as the reference's block of
@@ -272,6 +275,7 @@ class OptimConfig:
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sphere_muon", "muon", "adamw"))
         _check_choice("optim.ns_mode", self.ns_mode, ("gather", "distributed"))
+        _check_choice("optim.ns_dtype", self.ns_dtype, ("auto", "bf16", "fp32"))
         _check_choice("optim.expert_sphere", self.expert_sphere, ("per_expert", "per_layer"))
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
@@ -324,6 +328,9 @@ class TrainConfig:
     resume on GPU reproduces the next losses within 1e-4 relative (fp32). On the CPU runs are bit-identical
     with one thread per process (train.threads 1; with several threads runs were measured to differ in the
     last bits)."""
+    tf32: bool = True
+    """GPU: TF32 tensor cores for fp32 matmuls and convolutions (torch's 'high' float32 matmul precision);
+    off under train.deterministic. No effect on the CPU."""
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))

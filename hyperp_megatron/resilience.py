@@ -21,7 +21,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionFlag:
-    """Set by a signal handler; read collectively at step boundaries."""
+    """Set by a signal handler; read collectively once per training step (``StepRunner.train_step`` folds
+    ``signum`` into the step's one all-reduce; :meth:`agreed` is the same agreement on its own)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

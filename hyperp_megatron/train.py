@@ -65,13 +65,22 @@ def _prepare_data(cfg: Config, rank: int):
     return load_tokenizer(corpus.tokenizer_dir), [str(corpus.data_prefix)]
 
 
+def uses_tf32(cfg: Config, device: torch.device) -> bool:
+    """TF32 for fp32 matmuls: on a GPU with ``train.tf32``, never under ``train.deterministic``."""
+    return device.type == "cuda" and cfg.train.tf32 and not cfg.train.deterministic
+
+
 def configure_numerics(cfg: Config, device: torch.device) -> None:
-    """Deterministic algorithms when ``train.deterministic`` (process-wide; the entry point sets the cuBLAS
-    workspace variable they need before CUDA starts). TF32 stays as torch's default: off for matmuls."""
+    """Process-wide numerics, decided once for the device: deterministic algorithms when
+    ``train.deterministic`` (the entry point sets the cuBLAS workspace variable they need before CUDA
+    starts) and TF32 for fp32 matmuls / convolutions (:func:`uses_tf32`)."""
     if device.type == "cuda":
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         torch.backends.cudnn.deterministic = cfg.train.deterministic
         torch.backends.cudnn.benchmark = False
+        tf32 = uses_tf32(cfg, device)
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # = cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None) -> Session:
@@ -109,8 +118,11 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     tf_config = chunks[0].config
     if cfg.train.precision == "bf16":
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
+    # DP > 1: the gradient all-reduce (reduce-scatter) of each bucket starts during the backward pass of
+    # the last micro-batch, as soon as its gradients are ready.
+    data_parallel = pg_collection.dp_cp.size() > 1 or pg_collection.expt_dp.size() > 1
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=data_parallel,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer and cfg.optim.name == "adamw",
     )
     chunks = [DistributedDataParallel(tf_config, ddp_config, chunk, pg_collection=pg_collection)
@@ -254,7 +266,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
         metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
-                                      poison_loss=state.step + 1 in cfg.debug.nan_at_steps)
+                                      poison_loss=state.step + 1 in cfg.debug.nan_at_steps, preemption=preemption)
+        preempted = metrics.pop("preempted")  # agreed by all ranks inside the step's one host read
         state.step += 1
         state.consumed_samples += t.global_batch_size
         step_time = time.perf_counter() - started
@@ -280,7 +293,6 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         if state.step % t.log_interval == 0 or is_last:
             s.logger.print_progress(state.step, {k: v for k, v in metrics.items()
                                                  if k != "update_successful" and not k.startswith(MONITOR_PREFIX)})
-        preempted = preemption is not None and preemption.agreed(s.device)
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or preempted or (
                 is_last and cfg.checkpoint.save_final):
             ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep,

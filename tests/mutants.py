@@ -47,13 +47,18 @@ def resume_restarts_from_step_0():
     return mock.patch.object(train, "maybe_resume", _fresh_train_state)
 
 
+@contextlib.contextmanager
 def sphere_radius_per_shard():
-    """The all-reduce of the per-shard squared norms (``SphereMuon._sum_over_shards``) is skipped: each
-    TP shard is retracted to its own norm instead of the whole matrix's."""
-    from hyperp_megatron.optim import sphere_muon
+    """The all-reduce of the per-shard squared norms (``SphereMuon._sum_over_shards`` in the loop,
+    ``sphere_batched.all_reduce_by_group`` in the batched step) is skipped: each TP shard is retracted to
+    its own norm instead of the whole matrix's."""
+    from hyperp_megatron.optim import sphere_batched, sphere_muon
 
-    original = sphere_muon._sum_over_shards
-    return mock.patch.object(sphere_muon, "_sum_over_shards", lambda stats_list, group: original(stats_list, None))
+    loop, batched = sphere_muon._sum_over_shards, sphere_batched.all_reduce_by_group
+    with mock.patch.object(sphere_muon, "_sum_over_shards", lambda stats_list, group: loop(stats_list, None)), \
+            mock.patch.object(sphere_batched, "all_reduce_by_group",
+                              lambda entries: batched([(None, tensor) for _, tensor in entries])):
+        yield
 
 
 def _blockwise_sphere_muon(*args, **kwargs):

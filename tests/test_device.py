@@ -73,9 +73,9 @@ def test_loop_collectives_use_the_passed_device(collective_devices):
     pg_collection = types.SimpleNamespace(tp=one_rank, dp=one_rank)
     meta_model = [torch.nn.Linear(2, 2, device=META)]
     calls = [
-        lambda: step._all_ranks_finite(1.0, 1.0, False, META),
+        lambda: step.agree_on_step(torch.zeros(2, device=META), torch.ones((), device=META), False,
+                                   torch.zeros((), device=META), False, META),
         lambda: step._mean_loss_over_world([], pg_collection, True, META),
-        lambda: step._aux_loss_over_world([], pg_collection, 1, META),
         lambda: PreemptionFlag().agreed(META),
         lambda: checkpoint._check_finite_weights(meta_model, 1, META),
     ]
@@ -357,3 +357,29 @@ def test_no_cpu_device_defaults():
                 found += [f"{name}:{node.name}" for arg, default in zip(args, defaults)
                           if arg.arg == "device" and isinstance(default, ast.Constant) and default.value == "cpu"]
     assert not found, found
+
+
+@pytest.mark.parametrize("tf32, deterministic, expected", [(True, False, True), (True, True, False),
+                                                          (False, False, False)])
+def test_tf32_decided_once_with_the_device(tf32, deterministic, expected):
+    """configure_numerics: TF32 (matmul precision 'high', cuDNN) on a GPU with train.tf32, off under
+    train.deterministic; nothing changes on the CPU."""
+    from hyperp_megatron.config import Config
+    from hyperp_megatron.train import configure_numerics
+
+    cfg = Config()
+    cfg.train.tf32, cfg.train.deterministic = tf32, deterministic
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    try:
+        configure_numerics(cfg, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == saved[0]
+        configure_numerics(cfg, torch.device("cuda", 0))  # sets flags only; no CUDA call
+        assert (torch.get_float32_matmul_precision() == "high") is expected
+        assert torch.backends.cudnn.allow_tf32 is expected
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+        torch.use_deterministic_algorithms(saved[2])
+        torch.backends.cudnn.deterministic = saved[3]

@@ -449,11 +449,13 @@ def nan_worker(rank, world_size, overrides):
     """The trainer with a planted NaN, then the guard's agreement when only rank 1 sees a NaN."""
     import torch
 
-    from hyperp_megatron.step import _all_ranks_finite
+    from hyperp_megatron.step import agree_on_step
 
     result = train_worker(rank, world_size, overrides)
-    agreed = _all_ranks_finite(float("nan") if rank == 1 else 1.0, 1.0, False, torch.device("cpu"))
-    return result, agreed
+    cpu = torch.device("cpu")
+    agreed = agree_on_step(torch.tensor([1.0, 1.0]), torch.tensor(float("nan") if rank == 1 else 1.0), False,
+                           torch.zeros(()), False, cpu)
+    return result, not agreed["skipped"]
 
 
 @pytest.mark.tier("parallel")

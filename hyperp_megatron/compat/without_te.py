@@ -8,8 +8,11 @@
   bound only when TE imports (``NameError`` without TE, on the GPU as on the CPU).
 - sequence parallelism with torch norms (``WrappedTorchNorm`` asserts it is off; the local spec uses
   torch norms whenever TE layers are not used).
+- the multi-tensor fallbacks without apex (``megatron.core.utils.local_multi_tensor_l2_norm`` reads every
+  gradient's norm to the host: one GPU sync per tensor; ``local_multi_tensor_scale`` one op pair per
+  tensor): foreach versions, no host sync, where Megatron's optimizer and clip modules bound the fallback.
 
-:func:`apply` installs the two patches once; each is a no-op where Megatron does not need it.
+:func:`apply` installs the patches once; each is a no-op where Megatron does not need it.
 """
 
 from __future__ import annotations
@@ -100,7 +103,34 @@ def _patch_sequence_parallel_norms() -> bool:
     return True
 
 
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for ``amp_C.multi_tensor_l2norm`` (no per-tensor norms): ((1,) fp32 norm of all tensors, None),
+    on their device, without reading anything to the host."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).view(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for ``amp_C.multi_tensor_scale``: ``dst <- src * scale`` for every pair, two foreach calls."""
+    sources, targets = tensor_lists[0], tensor_lists[1]
+    torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+def _patch_multi_tensor_fallbacks() -> bool:
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    patched = False
+    for module in (clip_grads, optimizer):
+        if getattr(module, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+            module.l2_norm_impl, patched = foreach_l2_norm, True
+        if getattr(module, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl, patched = foreach_scale, True
+    return patched
+
+
 def apply() -> None:
     """Install the patches (idempotent)."""
     _patch_router_gemm()
     _patch_sequence_parallel_norms()
+    _patch_multi_tensor_fallbacks()

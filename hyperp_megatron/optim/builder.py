@@ -232,6 +232,14 @@ def torch_param_groups(assignments: list[ParamAssignment], weight_decay: float,
     return list(groups.values())
 
 
+def ns_compute_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
+    """``optim.ns_dtype`` -> the dtype of the Newton-Schulz iterations ('auto': bf16 on a GPU, fp32 on the
+    CPU, where the parity tests compare with the fp32 reference)."""
+    if ns_dtype == "auto":
+        ns_dtype = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[ns_dtype]
+
+
 def _wrap(inner: SphereMuon, config, grad_stats_group, tp_group):
     if config.bf16:
         wrapped = SphereFloat16Optimizer(inner, config, None, _init_state)
@@ -256,6 +264,7 @@ def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection, deriv
     layer_wise = cfg.parallel.distributed_optimizer
     assignments = assign_parameters(model_chunks, o.name, pg_collection, o.expert_sphere)
     logger.info("optimizer roles: %s", role_table(assignments))
+    ns_dtype = ns_compute_dtype(o.ns_dtype, next(model_chunks[0].parameters()).device)
     optimizers = []
     for is_expert in (False, True):
         members = [a for a in assignments if a.layout.is_expert == is_expert]
@@ -265,7 +274,7 @@ def build_sphere_optimizer(cfg: Config, model_chunks: list, pg_collection, deriv
             torch_param_groups(members, derived.weight_decay, derived.decay_peak_lr),
             {a.param: a.layout for a in members},
             lr=derived.lr, momentum=o.momentum, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-            weight_decay=derived.weight_decay, ns_mode=o.ns_mode,
+            weight_decay=derived.weight_decay, ns_mode=o.ns_mode, ns_compute_dtype=ns_dtype,
             # Layer-wise groups: the DP group that holds replicas of these parameters (dense: DP x CP
             # as Megatron's DDP reduces them; routed experts: the expert-data-parallel group).
             layer_wise_dp_group=pg_collection.dp_cp if layer_wise and not is_expert else None,

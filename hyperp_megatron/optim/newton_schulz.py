@@ -35,27 +35,29 @@ NS_MODES = ("gather", "distributed", "blockwise")
 NORM_EPS = 1e-8
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 def _quintic_iterations(
-    wide: torch.Tensor, sum_over_shards: Callable[[torch.Tensor], torch.Tensor]
+    wide: torch.Tensor, sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Normalize and iterate on a wide matrix (rows <= cols), possibly column-sharded.
 
     wide: (..., short, long_local). ``sum_over_shards`` turns a per-shard partial sum into the sum
-    over all column shards (identity when the matrix is whole).
+    over all column shards (None when the matrix is whole).
     """
-    squared_norm = sum_over_shards(wide.square().sum(dim=(-2, -1), keepdim=True))  # (..., 1, 1)
+    squared_norm = wide.square().sum(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
+    if sum_over_shards is not None:
+        squared_norm = sum_over_shards(squared_norm)
     x = wide / (squared_norm.sqrt() + NORM_EPS)
     # beta * bias + alpha * left @ right in one GEMM call (no separate elementwise passes over x).
     fused = torch.addmm if x.dim() == 2 else torch.baddbmm
+    spare = torch.empty_like(x)  # x and spare alternate as the iterate: no (..., short, long) allocation per step
     for a, b, c in NS5_COEFFICIENTS:
-        # The Gram matrix is reduced in fp32 even when x is bf16: it is a sum over shards.
-        gram = sum_over_shards((x @ x.mT).float()).to(x.dtype)  # (..., short, short)
+        gram = x @ x.mT  # (..., short, short)
+        if sum_over_shards is not None:
+            # Reduced in fp32 even when x is bf16: it is a sum over shards. (Whole matrices skip the
+            # round trip: a bf16 GEMM's output converts to fp32 and back exactly.)
+            gram = sum_over_shards(gram.float()).to(x.dtype)
         polynomial = fused(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = fused(x, polynomial, x, beta=a)  # a X + (b A + c A^2) X
+        x, spare = fused(x, polynomial, x, beta=a, out=spare), x  # a X + (b A + c A^2) X
     return x
 
 
@@ -72,7 +74,7 @@ def newton_schulz5(update: torch.Tensor, *, compute_dtype: torch.dtype | None = 
     is_tall = x.size(-2) > x.size(-1)
     if is_tall:
         x = x.mT  # (..., n, m): wide
-    x = _quintic_iterations(x, _identity)
+    x = _quintic_iterations(x)
     if is_tall:
         x = x.mT
     return x.to(update.dtype)

@@ -22,8 +22,9 @@ The rules' tensor math is in ``optim/updates.py``, the per-parameter layout in `
 module orchestrates a step. Distributed form. Each parameter comes with a ``ParamLayout`` saying which
 group shards it:
 - Newton-Schulz is done on the whole matrix ("gather") or with all-reduced Gram matrices
-  ("distributed"), see ``newton_schulz.orthogonalize``; same-shape matrices that share a
-  ``batch_key`` (e.g. the experts of one layer) are orthogonalized in one batched call.
+  ("distributed"), see ``newton_schulz.orthogonalize``. The default step (``optim/sphere_batched.py``)
+  batches every same-shape matrix piece of all layers (momentum, Newton-Schulz, statistics, retraction);
+  the per-matrix loop (``batched=False``) batches the matrices that share a ``batch_key``.
 - The sphere needs ``||W||^2``, ``<W, D>`` and ``||D||^2`` per matrix (per Q/K/V piece, per expert).
   ``||W - s D||^2`` is expanded from these three, so the retraction needs no second reduction: all
   scalars of one step that belong to one process group travel in ONE flat buffer, ONE all-reduce.
@@ -41,6 +42,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 import torch
 import torch.distributed as dist
 
+from hyperp_megatron.optim import sphere_batched
 from hyperp_megatron.optim.layout import (
     MATRIX_RULES,
     SPHERE_RULES,
@@ -51,6 +53,7 @@ from hyperp_megatron.optim.layout import (
 from hyperp_megatron.optim.newton_schulz import NS_MODES, orthogonalize, supports_distributed_mode
 from hyperp_megatron.optim.updates import (
     adam_direction,
+    decay_factor,
     adamw_step,
     muon_step,
     nesterov_momentum,
@@ -103,6 +106,9 @@ class SphereMuon(torch.optim.Optimizer):
         ns_compute_dtype: None (fp32 state dtype) or torch.bfloat16 for the Newton-Schulz iterations.
         layer_wise_dp_group / layer_wise_expert_dp_group: the data-parallel group over which dense /
             expert (``is_expert``) parameters are split layer-wise; None = updated on every rank.
+        batched: True (default): the matrix rules in same-shape batches across layers
+            (``sphere_batched``; shared spheres use the loop); False: the per-matrix loop (same math;
+            ``ParamLayout.batch_key`` decides its Newton-Schulz batches).
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class SphereMuon(torch.optim.Optimizer):
         ns_compute_dtype: torch.dtype | None = None,
         layer_wise_dp_group: dist.ProcessGroup | None = None,
         layer_wise_expert_dp_group: dist.ProcessGroup | None = None,
+        batched: bool = True,
     ) -> None:
         if ns_mode not in NS_MODES:
             raise ValueError(f"ns_mode must be one of {NS_MODES}, got {ns_mode!r}")
@@ -129,6 +136,8 @@ class SphereMuon(torch.optim.Optimizer):
         self.ns_compute_dtype = ns_compute_dtype
         self.layer_wise_dp_group = layer_wise_dp_group
         self.layer_wise_expert_dp_group = layer_wise_expert_dp_group
+        self.batched = batched
+        self._batches: tuple[tuple, list[sphere_batched.MatrixBatch]] = ((), [])
         self._layout_by_param_id = {id(param): layout for param, layout in layouts.items()}
         self._plan: list[PlannedParam] | None = None
         defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -210,6 +219,10 @@ class SphereMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         owned = [p for p in self._get_plan() if p.updated_here and p.param.grad is not None]
+        if self.batched and not any(p.layout.sphere_key is not None for p in owned):
+            self._batched_step(owned)
+            self._all_gather_layer_wise_params()
+            return loss
         directions: dict[PlannedParam, torch.Tensor] = {}
         for planned in owned:
             hyper, state = self.param_groups[planned.group_index], self.state[planned.param]
@@ -229,6 +242,46 @@ class SphereMuon(torch.optim.Optimizer):
         self._sphere_steps([p for p in owned if p.layout.rule in SPHERE_RULES], directions)
         self._all_gather_layer_wise_params()
         return loss
+
+    def _batched_step(self, owned: list[PlannedParam]) -> None:
+        """The step of ``owned`` with the matrix rules batched across layers (``sphere_batched``)."""
+        matrices = [p for p in owned if p.layout.rule in MATRIX_RULES]
+        others = [p for p in owned if p.layout.rule not in MATRIX_RULES]
+        directions = {p: adam_direction(p.param.grad.float(), self.state[p.param],
+                                         self.param_groups[p.group_index]["betas"],
+                                         self.param_groups[p.group_index]["eps"]) for p in others}
+        if self._batches[0] != tuple(matrices):  # the plan or the set of parameters with gradients changed
+            self._batches = (tuple(matrices), sphere_batched.build_batches(matrices))
+        batches = self._batches[1]
+        fresh = sphere_batched.fresh_spheres(matrices, self.state)
+        updates = sphere_batched.nesterov_momentum(matrices, self.state, self.param_groups)
+        orthogonal = [sphere_batched.orthogonalize_batch(b, updates, self.ns_compute_dtype) for b in batches]
+        del updates
+        weights, entries = [], []
+        for batch, directions_of_batch in zip(batches, orthogonal):
+            if batch.rule == "sphere_muon":
+                stacked, stats = sphere_batched.weights_and_stats(batch, directions_of_batch)
+                entries.append((batch.first.shard_group, stats))
+            else:
+                stacked = sphere_batched.stack_pieces(batch, {p: p.param for p, _ in batch.items})
+            weights.append(stacked)
+        adam_spheres = [p for p in others if p.layout.rule == "sphere_adam"]
+        entries += [(p.shard_group, _local_sphere_stats(p, directions[p])) for p in adam_spheres]
+        summed = iter(sphere_batched.all_reduce_by_group(entries))  # ONE all-reduce per group
+        for index, batch in enumerate(batches):
+            hyper = self.param_groups[batch.group_index]
+            if batch.rule == "sphere_muon":
+                sphere_batched.sphere_update(batch, weights[index], orthogonal[index], next(summed), self.state,
+                                             fresh, hyper["lr"], decay_factor(hyper))
+            else:
+                sphere_batched.muon_update(batch, weights[index], orthogonal[index], hyper["lr"], decay_factor(hyper))
+        sphere_batched.write_back(batches, weights)
+        for planned, stats in zip(adam_spheres, sum_shared_spheres(adam_spheres, list(summed))):
+            retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param],
+                                   self.param_groups[planned.group_index])
+        for planned in others:
+            if planned.layout.rule == "adamw":
+                adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
 
     def _orthogonalize_in_batches(
         self, matrices: list[PlannedParam], directions: dict[PlannedParam, torch.Tensor]
@@ -267,14 +320,7 @@ class SphereMuon(torch.optim.Optimizer):
         """Step and retract every sphere matrix with one all-reduce of scalars per process group."""
         by_group: dict[int, tuple[dist.ProcessGroup | None, list[PlannedParam], list[torch.Tensor]]] = {}
         for planned in spheres:
-            weight, direction = planned.param.float(), directions[planned]
-            stats = torch.stack(  # (3, num_pieces): local partial sums
-                [
-                    planned.piece_sums(weight, weight),
-                    planned.piece_sums(weight, direction),
-                    planned.piece_sums(direction, direction),
-                ]
-            )
+            stats = _local_sphere_stats(planned, directions[planned])
             group = planned.shard_group
             _, members, stats_list = by_group.setdefault(id(group), (group, [], []))
             members.append(planned)
@@ -510,6 +556,13 @@ def sum_shared_spheres(members: list[PlannedParam], stats_list: list[torch.Tenso
             for i in indices:
                 out[i] = total
     return out
+
+
+def _local_sphere_stats(planned: PlannedParam, direction: torch.Tensor) -> torch.Tensor:
+    """(3, num_pieces): this rank's partial sums ||W||^2, <W, D>, ||D||^2 of each piece."""
+    weight = planned.param.float()
+    return torch.stack([planned.piece_sums(weight, weight), planned.piece_sums(weight, direction),
+                        planned.piece_sums(direction, direction)])
 
 
 # ---------------------------------------------------------------------- inside Megatron's wrappers
