@@ -233,7 +233,9 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
     intact = [ckpt.verify(found[0]) is None if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(intact, src=0)
     if intact[0]:
-        raise RunFinished(f"run already at step {found[1]} >= the run's {derived.steps} steps: nothing to do "
+        steps = (f"train.steps {derived.steps}" if derived.steps == cfg.train.steps
+                 else f"the run's {derived.steps} steps (from hyperp.default_tokens)")
+        raise RunFinished(f"run already at step {found[1]} >= {steps}: nothing to do "
                           "(raise train.steps to continue)")
 
 
@@ -357,6 +359,20 @@ def _clear_preemption_marker(run_dir: Path) -> None:
               flush=True)
 
 
+ERROR_GRACE_S = 5.0
+"""How long a rank other than 0 waits before it exits on an error every rank finds: a launcher such as torchrun
+stops the remaining workers as soon as one exits, which could kill rank 0 before it prints the error line."""
+
+
+def _report_error(rank: int, exc: Exception, code: int) -> int:
+    """One ``error:`` line from rank 0; the other ranks leave it time to print (see ``ERROR_GRACE_S``)."""
+    if rank == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(ERROR_GRACE_S)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Validate everything first (one-line errors on rank 0 only), then train."""
     quiet_megatron_import_warnings()  # importing this module imports no megatron: the filters come first
@@ -372,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_device_support(cfg, device)
     except ValueError as exc:
-        if env.rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _report_error(env.rank, exc, 2)
     if cfg.train.deterministic and device.type == "cuda":
         # Read by cuBLAS when it creates its handles (before the first GEMM) and by TE's attention.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -402,13 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[hyperp] {exc}", flush=True)
         return 0
     except ConfigError as exc:  # checks that need the tokenizer (known after data preparation)
-        if env.rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _report_error(env.rank, exc, 2)
     except (NonFiniteTrainingError, ckpt.NonFiniteStateError) as exc:
-        if env.rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_NON_FINITE
+        return _report_error(env.rank, exc, EXIT_NON_FINITE)
     else:
         if env.rank == 0:
             print(f"[hyperp] done: step {result['step']} loss {result['loss']:.4f} "
