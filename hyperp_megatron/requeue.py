@@ -73,17 +73,10 @@ def run_dir_from_args(argv: list[str]) -> str:
     """
     import yaml
 
+    from hyperp_megatron.cli import split_config_arg
     from hyperp_megatron.config import LoggingConfig, parse_overrides
 
-    config_path, overrides, i = None, [], 0
-    while i < len(argv):
-        if argv[i] == "--config" and i + 1 < len(argv):
-            config_path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            config_path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            overrides.append(argv[i])
-            i += 1
+    config_path, overrides = split_config_arg(argv, strict=False)
     data = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
     run_dir = (data.get("logging") or {}).get("run_dir", LoggingConfig.run_dir)
     return str(parse_overrides(overrides).get("logging", {}).get("run_dir", run_dir))

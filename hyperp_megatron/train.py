@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from hyperp_megatron import checkpoint as ckpt
 from hyperp_megatron import requeue
-from hyperp_megatron.cli import quiet_megatron_import_warnings
+from hyperp_megatron.cli import quiet_megatron_import_warnings, split_config_arg
 from hyperp_megatron.config import Config, ConfigError, check_vocab_size, load_config, validate
 from hyperp_megatron.data.tokenizer import load_tokenizer
 from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, write_derived
@@ -328,19 +328,7 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0)
-    config_path, rest = None, []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--config":
-            if i + 1 >= len(argv):
-                raise ValueError("--config needs a path")
-            config_path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            config_path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return config_path, rest
+    return split_config_arg(argv)
 
 
 def _write_preemption_marker(run_dir: Path, step: int, preemption: PreemptionFlag) -> None:

@@ -41,6 +41,18 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError("test tiers (tests/conftest.py):\n  " + "\n  ".join(lines))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small matrices only spin on a shared 2-core machine, and the thread
+    count changes Newton-Schulz's rounding."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def embedded_corpus():
     """The embedded corpus in the repo's data/ cache (prepared once, idempotent)."""

@@ -10,18 +10,9 @@ from hyperp_megatron.optim.newton_schulz import (
     supports_distributed_mode,
 )
 
-pytestmark = pytest.mark.tier("unit")
+pytestmark = [pytest.mark.tier("unit"), pytest.mark.usefixtures("one_thread")]
 
 BAND = (0.7, 1.2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: several threads only spin on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _matrix_with_spectrum(rows: int, cols: int, singular_values: torch.Tensor, seed: int) -> torch.Tensor:

@@ -13,17 +13,9 @@ from hyperp_megatron.optim.newton_schulz import newton_schulz5
 from hyperp_megatron.optim.builder import ns_compute_dtype
 from test_sphere_muon import full_weights, local_tensors, make_optimizer, relative_errors, run_steps
 
-pytestmark = pytest.mark.tier("unit")
+pytestmark = [pytest.mark.tier("unit"), pytest.mark.usefixtures("one_thread")]
 
 OP_RATIO_TARGET = 1.5  # issue 13: <= 1.5 x torch.optim.Muon's aten ops per step
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def d8_hidden_shapes(width: int = 64, heads: int = 4, groups: int = 2, head_dim: int = 16, ffn: int = 256,

@@ -12,7 +12,7 @@ from hyperp_megatron.optim import ParamLayout, QKVSplit, ReferenceOptimizer, Sph
 from hyperp_megatron.optim.newton_schulz import newton_schulz5
 from hyperp_megatron.optim.reference import scaled_sphere_step
 
-pytestmark = pytest.mark.tier("unit")
+pytestmark = [pytest.mark.tier("unit"), pytest.mark.usefixtures("one_thread")]
 
 HIDDEN, HEAD_DIM, NUM_HEADS, NUM_QUERY_GROUPS, VOCAB, NUM_EXPERTS = 32, 8, 4, 2, 64, 4
 Q_ROWS_PER_GROUP = NUM_HEADS // NUM_QUERY_GROUPS * HEAD_DIM
@@ -35,15 +35,6 @@ MATRICES = {
     "norm": ((HIDDEN,), "adamw", None),
 }
 SPHERE_NAMES = [name for name, (_, rule, _) in MATRICES.items() if rule.startswith("sphere")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: several threads only spin on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def full_weights(seed: int = 0) -> dict[str, torch.Tensor]:
