@@ -1,4 +1,4 @@
-"""The config reference as Markdown, read from the field docstrings in :mod:`hyperp_megatron.config`.
+"""The config reference as Markdown, read from the field docstrings in :mod:`hyperp_megatron.config.sections`.
 
 ``python -m hyperp_megatron.config_docs`` prints it; the README's "Config reference" section is its output
 (a test keeps them in sync).

@@ -1,24 +1,22 @@
-"""The typed config tree: small dataclasses with a docstring per field, loaded from YAML plus
-dotted CLI overrides (``--train.steps 100``), validated before any heavy work starts.
+"""The config sections: one small dataclass per section with a docstring per field (``config_docs.py`` reads
+them for the README's config reference), and the top-level :class:`Config`.
 
-Each section validates itself in ``__post_init__``; cross-section checks (layout vs world size, heads
-vs TP, ...) live in :func:`validate`, which the entry point calls once the world size is known.
+Each section validates itself in ``__post_init__``; cross-section checks live in :mod:`.checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
 """``model.attention_backend`` (``model/sdpa_attention.py``); only 'megatron_local' keeps s x s scores."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 @dataclass
@@ -469,225 +467,3 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _unknown_key_error(key: str, section: str, valid: list[str]) -> ValueError:
-    hint = difflib.get_close_matches(key, valid, n=1)
-    where = f"{section}." if section else ""
-    suggestion = f" (did you mean '{where}{hint[0]}'?)" if hint else f" (valid keys: {', '.join(valid)})"
-    return ValueError(f"unknown config key '{where}{key}'{suggestion}")
-
-
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a YAML or CLI value to the field's declared type, with a clear error."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-        return _coerce(value, annotation, name)
-    if origin is list:
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-        if not isinstance(value, list):
-            raise ValueError(f"{name} must be a list, got {value!r}")
-        return [_coerce(v, args[0], name) for v in value]
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} expects {annotation.__name__}, got {value!r}") from None
-    return value
-
-
-def _build(cls, data: dict, section: str = ""):
-    if not isinstance(data, dict):
-        raise ValueError(f"config section '{section or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key_error(key, section, names)
-        dotted = f"{section}.{key}" if section else key
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value or {}, dotted)
-        else:
-            kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """``['--train.steps', '100', '--optim.lr=0.01']`` -> nested dict (values still strings)."""
-    nested: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"expected an override like --section.key VALUE, got {arg!r}")
-        key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(args):
-                raise ValueError(f"override {arg} has no value")
-            value, i = args[i + 1], i + 1
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value.strip().startswith("[") else value
-        i += 1
-    return nested
-
-
-def merge_dicts(base: dict, override: dict) -> dict:
-    """Nested dict merge: ``override`` wins; neither input is modified."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_dicts(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply dotted overrides; raises ValueError on bad input."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
-    if overrides:
-        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        data = merge_dicts(data, extra)
-    return _build(Config, data)
-
-
-# ----------------------------------------------------------------------------------------------
-# Cross-section validation
-
-
-def validate(cfg: Config, world_size: int) -> None:
-    """Checks that need several sections, the world size or the file system (the entry point's, before any heavy
-    work); raises ValueError naming what to change."""
-    check_layout(cfg, world_size)
-    check_paths(cfg)
-
-
-def check_layout(cfg: Config, world_size: int) -> None:
-    """THE layout check: whether the parallel layout fits the model, the batch and the world size (pure;
-    ``derived.derive`` runs it too, so the planner refuses what the trainer refuses). ValueError otherwise."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    model_parallel = p.tensor * p.pipeline
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline "
-            f"= {p.tensor} * {p.pipeline}; change the layout or the number of processes"
-        )
-    dp = world_size // model_parallel
-    if dp % p.expert:
-        raise ValueError(
-            f"data-parallel size {dp} (world {world_size} / TP*PP {model_parallel}) is not divisible by "
-            f"parallel.expert = {p.expert}"
-        )
-    expert_dp_ranks = world_size // p.pipeline
-    if expert_dp_ranks % (p.expert * p.expert_tensor_size):
-        raise ValueError(
-            f"world size / PP = {expert_dp_ranks} is not divisible by parallel.expert * expert_tensor "
-            f"= {p.expert} * {p.expert_tensor_size}"
-        )
-    if m.num_attention_heads % p.tensor:
-        raise ValueError(
-            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by parallel.tensor ({p.tensor})"
-        )
-    if m.num_query_groups % p.tensor:
-        raise ValueError(
-            f"model.num_query_groups ({m.num_query_groups}) is not divisible by parallel.tensor ({p.tensor})"
-        )
-    if m.ffn_size % p.tensor:
-        raise ValueError(f"FFN width {m.ffn_size} is not divisible by parallel.tensor ({p.tensor})")
-    if m.num_layers % p.pipeline:
-        raise ValueError(f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline ({p.pipeline})")
-    if p.sequence_parallel and m.seq_length % p.tensor:
-        raise ValueError(f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor with sequence parallel")
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ValueError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}"
-        )
-    if m.moe.enabled:
-        experts = m.moe.num_routed_experts
-        if experts % p.expert:
-            raise ValueError(f"{experts} routed experts are not divisible by parallel.expert ({p.expert})")
-        if m.ffn_size % m.moe.granularity:
-            raise ValueError(f"FFN width {m.ffn_size} is not divisible by model.moe.granularity "
-                             f"({m.moe.granularity}); set model.ffn_hidden_size")
-        if p.tensor > 1 and not p.sequence_parallel:
-            raise ValueError("an MoE model with parallel.tensor > 1 needs parallel.sequence_parallel: true "
-                             "(Megatron's MoE layer refuses to train without it)")
-        if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
-            raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
-        if cfg.optim.expert_sphere == "per_layer" and p.distributed_optimizer and cfg.optim.name == "sphere_muon":
-            raise ValueError("optim.expert_sphere per_layer does not work with parallel.distributed_optimizer "
-                             "(layer-wise updates split a layer's experts over ranks): use per_expert or turn it off")
-        if m.moe.shared_expert and (m.ffn_size // m.moe.granularity) % p.tensor:
-            raise ValueError(f"shared expert FFN width (ffn / granularity = {m.ffn_size // m.moe.granularity}) is not "
-                             f"divisible by parallel.tensor ({p.tensor}): the shared expert is tensor-parallel")
-    elif p.expert > 1:
-        raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")
-
-
-def check_paths(cfg: Config) -> None:
-    """The files and directories the config names exist (data, tokenizer, checkpoint to load)."""
-    for prefix in cfg.data.prefixes:
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
-                raise ValueError(f"data file not found: {prefix + ext} (check data.prefixes)")
-    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_dir():
-        raise ValueError(f"tokenizer directory not found: {cfg.data.tokenizer} (check data.tokenizer)")
-    if cfg.checkpoint.load and not Path(cfg.checkpoint.load).exists():
-        raise ValueError(f"checkpoint not found: {cfg.checkpoint.load} (check checkpoint.load)")
-
-
-class ConfigError(ValueError):
-    """A config value that can only be checked once the data is prepared (the tokenizer is known), still
-    before any model is built: the entry point reports it as one line."""
-
-
-def check_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> None:
-    """``model.vocab_size`` (when set) must hold every token id of the tokenizer."""
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer_vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer_vocab_size}): raise it or leave it unset to use the tokenizer's")
-
-
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)

@@ -1,0 +1,126 @@
+"""Loading a config: YAML plus dotted CLI overrides (``--train.steps 100``) -> :class:`Config`, each value
+coerced to its field's declared type; an unknown key or a bad value is a one-line ValueError."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hyperp_megatron.config.sections import Config
+
+
+def _unknown_key_error(key: str, section: str, valid: list[str]) -> ValueError:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    where = f"{section}." if section else ""
+    suggestion = f" (did you mean '{where}{hint[0]}'?)" if hint else f" (valid keys: {', '.join(valid)})"
+    return ValueError(f"unknown config key '{where}{key}'{suggestion}")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML or CLI value to the field's declared type, with a clear error."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        return _coerce(value, annotation, name)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value]
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} expects {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls, data: dict, section: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section '{section or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(key, section, names)
+        dotted = f"{section}.{key}" if section else key
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--train.steps', '100', '--optim.lr=0.01']`` -> nested dict (values still strings)."""
+    nested: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected an override like --section.key VALUE, got {arg!r}")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg} has no value")
+            value, i = args[i + 1], i + 1
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value.strip().startswith("[") else value
+        i += 1
+    return nested
+
+
+def merge_dicts(base: dict, override: dict) -> dict:
+    """Nested dict merge: ``override`` wins; neither input is modified."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted overrides; raises ValueError on bad input."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        data = merge_dicts(data, extra)
+    return _build(Config, data)
