@@ -3,16 +3,39 @@
 Used by every distributed test: the function must be a top-level (importable) function of a test
 module; it is called as ``fn(rank, world_size, *args)`` after ``torch.distributed`` is initialized
 with gloo, and its return value (picklable) comes back to the parent, one entry per rank.
+
+The ranks are forked from a forkserver that has imported torch, Megatron-Core and this library once per
+test session (``PRELOAD``): a freshly spawned interpreter spends seconds of CPU importing them, which was
+most of the parallel tier's time. Each rank is still a new process with fresh module state (no parallel
+state, RNG or process group survives from one test to the next); it takes the parent's environment and
+working directory at the time of the call, as a spawned process would.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import socket
 import traceback
+from multiprocessing import forkserver
 
 import torch.multiprocessing as mp
+
+PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "megatron.core.parallel_state",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.distributed",
+    "megatron.core.optimizer",
+    "hyperp_megatron.train",
+    "hyperp_megatron.model.gpt",
+    "hyperp_megatron.optim.builder",
+    "hyperp_megatron.monitors",
+    "_dist",
+)
+"""Modules the forkserver imports before it forks the first rank (a module that fails to import is skipped)."""
 
 
 def free_port() -> int:
@@ -21,7 +44,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, environ, cwd):
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -48,13 +74,30 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))  # read once, when the first rank starts the forkserver
+    atexit.unregister(_stop_forkserver)  # registered once however many calls
+    atexit.register(_stop_forkserver)
+    return ctx
+
+
+def _stop_forkserver():
+    """Stop and reap the forkserver at exit, so that the CPU time of the ranks it reaped counts among this
+    process's children (``bench/test_suite.py`` reports it) and no server outlives the session."""
+    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own shutdown (3.9+); absent: leave it
+    if stop is not None:
+        stop()
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return per-rank results."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
+    environ, cwd = dict(os.environ), os.getcwd()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue, environ, cwd), daemon=False)
         for rank in range(world_size)
     ]
     for proc in procs:
