@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import signal
 
-import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 75
@@ -21,8 +20,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionFlag:
-    """Set by a signal handler; read collectively once per training step (``StepRunner.train_step`` folds
-    ``signum`` into the step's one all-reduce; :meth:`agreed` is the same agreement on its own)."""
+    """Set by a signal handler; read collectively once per training step: ``StepRunner.train_step`` folds
+    ``signum`` into the step's one all-reduce, so every rank stops at the same step."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -40,14 +39,6 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
-
-    def agreed(self, device: torch.device, group=None) -> bool:
-        """True on every rank if any rank got a signal (one MAX all-reduce over ``group``, on ``device``:
-        NCCL reduces GPU tensors only)."""
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
 
 
 def weights_digest(model_chunks: list) -> str:

@@ -67,7 +67,6 @@ def collective_devices(monkeypatch):
 
 def test_loop_collectives_use_the_passed_device(collective_devices):
     from hyperp_megatron import checkpoint, step
-    from hyperp_megatron.resilience import PreemptionFlag
 
     one_rank = types.SimpleNamespace(rank=lambda: 0, size=lambda: 1)
     pg_collection = types.SimpleNamespace(tp=one_rank, dp=one_rank)
@@ -76,7 +75,6 @@ def test_loop_collectives_use_the_passed_device(collective_devices):
         lambda: step.agree_on_step(torch.zeros(2, device=META), torch.ones((), device=META), False,
                                    torch.zeros((), device=META), False, META),
         lambda: step._mean_loss_over_world([], pg_collection, True, META),
-        lambda: PreemptionFlag().agreed(META),
         lambda: checkpoint._check_finite_weights(meta_model, 1, META),
     ]
     for call in calls:
