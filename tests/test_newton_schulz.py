@@ -5,6 +5,7 @@ import torch
 
 from hyperp_megatron.optim.newton_schulz import (
     NS5_COEFFICIENTS,
+    _quintic_iterations,
     newton_schulz5,
     orthogonalize,
     supports_distributed_mode,
@@ -47,6 +48,17 @@ def test_singular_values_of_random_matrices_in_band(shape):
 def test_tall_input_is_transposed_to_wide():
     update = torch.randn(80, 24)
     torch.testing.assert_close(newton_schulz5(update), newton_schulz5(update.T).T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_iterations_run_row_major_on_a_transposed_view(dtype):
+    """A tall stack arrives as a transposed (column-major) view: the iterations must still write row-major
+    buffers. Writing a bf16 batched GEMM into a transposed output takes oneDNN's reference kernel on the
+    CPU (a batched bf16 step of the 32 matrices of bench/sphere_muon_bench.py took 311 s)."""
+    tall = torch.randn(3, 96, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    out = _quintic_iterations(tall.mT)
+    assert out.is_contiguous(), out.stride()
+    torch.testing.assert_close(out.float(), newton_schulz5(tall.float()).mT, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_batched_equals_loop():

@@ -46,7 +46,10 @@ def _quintic_iterations(
     squared_norm = wide.square().sum(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
     if sum_over_shards is not None:
         squared_norm = sum_over_shards(squared_norm)
-    x = wide / (squared_norm.sqrt() + NORM_EPS)
+    # Row-major, whatever the layout of ``wide`` (a tall matrix arrives as a transposed view): both buffers
+    # below inherit x's layout, and a bf16 GEMM into a transposed output takes oneDNN's reference kernel on
+    # the CPU (~500x slower).
+    x = (wide / (squared_norm.sqrt() + NORM_EPS)).contiguous()
     # beta * bias + alpha * left @ right in one GEMM call (no separate elementwise passes over x).
     fused = torch.addmm if x.dim() == 2 else torch.baddbmm
     spare = torch.empty_like(x)  # x and spare alternate as the iterate: no (..., short, long) allocation per step
