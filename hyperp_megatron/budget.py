@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from hyperp_megatron.config import ATTENTION_BACKENDS, ModelConfig, ParallelConfig
+from hyperp_megatron.config import ATTENTION_BACKENDS, ModelConfig, MoEConfig, ParallelConfig
 from hyperp_megatron.transfer import check_positive
 
 GIB = 2**30
@@ -56,16 +56,22 @@ class ModelShape:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def _moe_config(self) -> MoEConfig:
+        # The expert counts are MoEConfig's (one definition of s k - shared and k - shared).
+        return MoEConfig(sparsity=self.moe_sparsity, granularity=self.moe_granularity,
+                         shared_expert=self.moe_shared_expert)
+
+    @property
     def moe(self) -> bool:
-        return self.moe_sparsity > 0
+        return self._moe_config.enabled
 
     @property
     def num_routed_experts(self) -> int:
-        return self.moe_sparsity * self.moe_granularity - int(self.moe_shared_expert)
+        return self._moe_config.num_routed_experts
 
     @property
     def router_topk(self) -> int:
-        return self.moe_granularity - int(self.moe_shared_expert)
+        return self._moe_config.router_topk
 
     @property
     def expert_ffn(self) -> int:

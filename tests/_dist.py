@@ -74,14 +74,6 @@ def _worker(rank, world_size, port, fn, args, queue, environ, cwd):
             dist.destroy_process_group()
 
 
-def _context():
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))  # read once, when the first rank starts the forkserver
-    atexit.unregister(_stop_forkserver)  # registered once however many calls
-    atexit.register(_stop_forkserver)
-    return ctx
-
-
 def _stop_forkserver():
     """Stop and reap the forkserver at exit, so that the CPU time of the ranks it reaped counts among this
     process's children (``bench/test_suite.py`` reports it) and no server outlives the session."""
@@ -90,9 +82,14 @@ def _stop_forkserver():
         stop()
 
 
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(list(PRELOAD))  # read when the first rank starts the server
+atexit.register(_stop_forkserver)
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return per-rank results."""
-    ctx = _context()
+    ctx = _CONTEXT
     queue = ctx.Queue()
     port = free_port()
     environ, cwd = dict(os.environ), os.getcwd()

@@ -48,7 +48,7 @@ def _quintic_iterations(
         squared_norm = sum_over_shards(squared_norm)
     # Row-major, whatever the layout of ``wide`` (a tall matrix arrives as a transposed view): both buffers
     # below inherit x's layout, and a bf16 GEMM into a transposed output takes oneDNN's reference kernel on
-    # the CPU (~500x slower).
+    # the CPU (~1000x slower).
     x = (wide / (squared_norm.sqrt() + NORM_EPS)).contiguous()
     # beta * bias + alpha * left @ right in one GEMM call (no separate elementwise passes over x).
     fused = torch.addmm if x.dim() == 2 else torch.baddbmm
