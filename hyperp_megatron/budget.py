@@ -8,9 +8,11 @@ No torch here; ``derived.derive`` evaluates these for a run and ``python -m hype
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-from hyperp_megatron.config import ATTENTION_BACKENDS, ModelConfig, MoEConfig, ParallelConfig
+from hyperp_megatron.config import (ATTENTION_BACKENDS, RECOMPUTE_METHODS, RECOMPUTE_MODES, ModelConfig, MoEConfig,
+                                    ParallelConfig)
 from hyperp_megatron.transfer import check_positive
 
 GIB = 2**30
@@ -272,9 +274,62 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: Layout, precisio
     return (2 if precision == "bf16" else 4) * (outside + attention / tp + mlp) + scores
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """Activation recomputation (``model.recompute``, ``recompute_method``, ``recompute_num_layers``: Megatron's
+    ``recompute_granularity``, ``recompute_method``, ``recompute_num_layers``)."""
+
+    mode: str = "none"
+    method: str = "uniform"
+    num_layers: int = 1
+
+    def __post_init__(self):
+        if self.mode not in RECOMPUTE_MODES or self.method not in RECOMPUTE_METHODS:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)} with method "
+                             f"{' or '.join(RECOMPUTE_METHODS)}, got {self.mode!r} / {self.method!r}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"recompute num_layers must be a positive integer, got {self.num_layers!r}")
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig) -> Recompute:
+        return cls(model.recompute, model.recompute_method, model.recompute_num_layers)
+
+
+def stage_activation_bytes_per_token(shape: ModelShape, layout: Layout, precision: str, *, layers: int,
+                                     in_flight: int, attention_backend: str = "auto",
+                                     recompute: Recompute | str = "none", residual_fp32: bool = True) -> float:
+    """Activation bytes one pipeline stage of ``layers`` layers holds at its peak, per token of a micro-batch,
+    with ``in_flight`` micro-batches whose backward is pending (logits not included). With ``P`` =
+    :func:`activation_bytes_per_token_layer` (``s x s`` scores included when the backend keeps them,
+    :func:`attention_keeps_scores`) and ``n`` = ``recompute.num_layers``:
+
+        none:            in_flight * layers * P
+        selective:       in_flight * layers * P without the scores (the core attention is recomputed from its
+                         saved q, k, v; the one layer it rebuilds at a time is the workspace's score buffer)
+        full, uniform:   in_flight * ceil(layers / n) * I  +  n * P     (chunk inputs; one chunk rebuilt)
+        full, block:     in_flight * (n * I + (layers - n) * P)  +  P   (n inputs, other layers whole; one rebuilt)
+
+    where ``I = C * residual bytes`` (/ TP under sequence parallel) is a chunk's saved input: the residual
+    stream, fp32 with ``residual_fp32`` (``model.fp32_residual`` in bf16 runs), else the precision's. The
+    rebuilt chunk belongs to the one micro-batch in its backward (Korthikanti et al., arXiv 2205.05198,
+    section 5: full recompute keeps ``2 s b h`` per layer in fp16)."""
+    recompute = Recompute(recompute) if isinstance(recompute, str) else recompute
+    scores = attention_keeps_scores(attention_backend) and recompute.mode != "selective"
+    per_layer = activation_bytes_per_token_layer(shape, layout, precision, attention_scores=scores)
+    if recompute.mode != "full":
+        return in_flight * layers * per_layer
+    residual_bytes = 4 if residual_fp32 or precision == "fp32" else 2
+    chunk_input = residual_bytes * shape.width / (layout.tensor if layout.sequence_parallel else 1)
+    n = min(recompute.num_layers, layers)
+    if recompute.method == "uniform":
+        return in_flight * math.ceil(layers / n) * chunk_input + n * per_layer
+    return in_flight * (n * chunk_input + (layers - n) * per_layer) + per_layer
+
+
 def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "sphere_muon",
                    precision: str = "bf16", micro_batch_size: int = 1, num_micro_batches: int = 1,
-                   attention_backend: str = "auto") -> MemoryEstimate:
+                   attention_backend: str = "auto", recompute: Recompute | str = "none",
+                   residual_fp32: bool = True) -> MemoryEstimate:
     """Rough per-GPU memory (within ~30%; allocator fragmentation and NCCL buffers not counted) of a valid
     layout (``config.check_layout``).
 
@@ -286,8 +341,8 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     per-layer counts (:func:`param_counts`), dense ones / TP, routed experts / (EP * ETP), the
     embedding on the first stage and the output layer on the last. Activations: 1F1B keeps
     ``min(PP, M)`` micro-batches in flight on the first stage (1 on the last),
-    ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`),
-    plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):
+    ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`; less under
+    ``recompute``, :func:`stage_activation_bytes_per_token`), plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):
     4 fp32 copies of the largest matrix for Newton-Schulz (gathered whole under TP). Attention
     (:func:`attention_keeps_scores`): with Megatron's unfused attention the saved scores per layer, plus a
     workspace of Megatron's preallocated score buffer and the fp32 softmax input of the layer being computed
@@ -307,7 +362,6 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     edp_shard = layout.expert_data if layout.distributed_optimizer else 1
     tokens = micro_batch_size * shape.seq_length
     scores = attention_keeps_scores(attention_backend)
-    per_token_layer = activation_bytes_per_token_layer(shape, layout, precision, attention_scores=scores)
     largest = max(shape.width * 2 * (shape.expert_ffn if shape.moe else shape.ffn), shape.width * shape.query_width)
     workspace = 0.0 if optimizer == "adamw" else 4 * 4 * largest
     if scores:
@@ -319,7 +373,9 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
         matrices = layers * (c["attention"] + c["dense_mlp"] + c["router"]) / tp
         experts = layers * c["experts"] / (layout.expert * layout.expert_tensor_size)
         in_flight = min(pp, num_micro_batches) if "first" in stage else 1
-        activations = in_flight * layers * per_token_layer * tokens
+        activations = tokens * stage_activation_bytes_per_token(
+            shape, layout, precision, layers=layers, in_flight=in_flight, attention_backend=attention_backend,
+            recompute=recompute, residual_fp32=residual_fp32)
         if "first" in stage:
             adam += c["embedding"] / tp
         if "last" in stage:

@@ -21,6 +21,7 @@ from hyperp_megatron.budget import (
     Layout,
     MemoryEstimate,
     ModelShape,
+    Recompute,
     flops_per_token,
     memory_per_gpu,
     num_params,
@@ -168,7 +169,9 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
     num_micro_batches = t.global_batch_size // (t.micro_batch_size * layout.data)
     memory = memory_per_gpu(shape, layout, optimizer=cfg.optim.name, precision=t.precision,
                             micro_batch_size=t.micro_batch_size, num_micro_batches=num_micro_batches,
-                            attention_backend=cfg.model.attention_backend)
+                            attention_backend=cfg.model.attention_backend,
+                            recompute=Recompute.from_model_config(cfg.model),
+                            residual_fp32=cfg.model.fp32_residual)
     return DerivedRun(
         shape=shape, layout=layout, num_params=n, num_params_total=num_params_total(shape),
         base_num_params=base_n, batch_tokens=batch_tokens, num_micro_batches=num_micro_batches, tokens=tokens,
@@ -222,6 +225,8 @@ def ignored_settings(cfg: Config, derived: DerivedRun) -> list[str]:
         (["model.init_method_std"] if m.hyperp_architecture else [],
          f"the '{m.parameterization}' initialization has fixed scales (model/init.py)"),
         (["model.fp32_residual"] if cfg.train.precision == "fp32" else [], "the run is fp32"),
+        (["model.recompute_method", "model.recompute_num_layers"] if m.recompute != "full" else [],
+         f"it applies to model.recompute full; this run uses {m.recompute!r}"),
         ([f"train.{k}" for k in ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo")]
          if cfg.train.fp8 is None else [], "train.fp8 is off"),
         (["data.embedded_vocab_size"] if cfg.data.prefixes else [], "data.prefixes replaces the embedded corpus"),

@@ -22,6 +22,8 @@ from hyperp_megatron.config.checks import (
 from hyperp_megatron.config.load import load_config, merge_dicts, parse_overrides
 from hyperp_megatron.config.sections import (
     ATTENTION_BACKENDS,
+    RECOMPUTE_METHODS,
+    RECOMPUTE_MODES,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -38,6 +40,8 @@ from hyperp_megatron.config.sections import (
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "RECOMPUTE_METHODS",
+    "RECOMPUTE_MODES",
     "CheckpointConfig",
     "Config",
     "ConfigError",

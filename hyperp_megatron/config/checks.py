@@ -16,6 +16,19 @@ def validate(cfg: Config, world_size: int) -> None:
     check_paths(cfg)
 
 
+def check_recompute(model, parallel) -> None:
+    """Full recompute's chunking against the layers of one pipeline stage (``model.recompute_num_layers``)."""
+    if model.recompute != "full":
+        return
+    layers, n = model.num_layers // parallel.pipeline, model.recompute_num_layers
+    if model.recompute_method == "uniform" and layers % n:
+        raise ValueError(f"model.recompute_num_layers ({n}) must divide the {layers} layers of a pipeline stage "
+                         "under model.recompute_method uniform (or use recompute_method block)")
+    if model.recompute_method == "block" and n > layers:
+        raise ValueError(f"model.recompute_num_layers ({n}) exceeds the {layers} layers of a pipeline stage "
+                         "(recompute_method block recomputes that many layers per stage)")
+
+
 def check_layout(cfg: Config, world_size: int) -> None:
     """THE layout check: whether the parallel layout fits the model, the batch and the world size (pure;
     ``derived.derive`` runs it too, so the planner refuses what the trainer refuses). ValueError otherwise."""
@@ -50,6 +63,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
         raise ValueError(f"FFN width {m.ffn_size} is not divisible by parallel.tensor ({p.tensor})")
     if m.num_layers % p.pipeline:
         raise ValueError(f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline ({p.pipeline})")
+    check_recompute(m, p)
     if p.sequence_parallel and m.seq_length % p.tensor:
         raise ValueError(f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor with sequence parallel")
     if t.global_batch_size % (t.micro_batch_size * dp):

@@ -13,6 +13,12 @@ from typing import Any
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
 """``model.attention_backend`` (``model/sdpa_attention.py``); only 'megatron_local' keeps s x s scores."""
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+"""``model.recompute``: Megatron's ``recompute_granularity`` (None, 'selective' = core attention, 'full')."""
+
+RECOMPUTE_METHODS = ("uniform", "block")
+"""``model.recompute_method`` under full recompute: Megatron's ``recompute_method``."""
+
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
@@ -111,12 +117,28 @@ class ModelConfig:
     """Core attention: 'auto' (TE's fused attention with TE layers, else 'sdpa'), 'sdpa' (torch
     scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels, no s x s scores) or
     'megatron_local' (Megatron's unfused DotProductAttention: keeps b x heads x s x s scores)."""
+    recompute: str = "none"
+    """Activation recomputation (Megatron's ``recompute_granularity``; docs/performance.md): 'none', 'selective'
+    (the core attention is recomputed in the backward: frees the b x heads x s x s scores of 'megatron_local'
+    attention, next to nothing with flash / SDPA / TE fused attention) or 'full' (whole transformer layers:
+    only each recomputed chunk's input is kept, at the cost of one more forward pass per step)."""
+    recompute_method: str = "uniform"
+    """Full recompute only (Megatron's ``recompute_method``): 'uniform' (every pipeline stage's layers in chunks
+    of ``recompute_num_layers``, each chunk's input kept) or 'block' (the first ``recompute_num_layers`` layers of
+    each stage recomputed, the others keep their activations)."""
+    recompute_num_layers: int = 1
+    """Full recompute only (Megatron's ``recompute_num_layers``): layers per recomputed chunk ('uniform'; must
+    divide the layers of a pipeline stage) or recomputed layers per stage ('block')."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts settings."""
 
     def __post_init__(self):
         _check_choice("model.parameterization", self.parameterization, ("hyperp", "muon", "standard"))
         _check_choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("model.recompute", self.recompute, RECOMPUTE_MODES)
+        _check_choice("model.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        if self.recompute_num_layers < 1:
+            raise ValueError(f"model.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
                      "rotary_base"):
             if getattr(self, name) < 1:

@@ -76,6 +76,7 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
         **fused_kernel_flags(device),
         deterministic_mode=not on_gpu or cfg.train.deterministic,
     )
+    kwargs.update(recompute_config_kwargs(m))
     if use_te:
         kwargs.update(fp8_config_kwargs(cfg.train))
     if m.hyperp_architecture:
@@ -98,6 +99,18 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
             moe_grouped_gemm=experts_impl(m.moe, device) == "te_grouped",  # Megatron's flag means TE's
         )
     return TransformerConfig(**kwargs)
+
+
+def recompute_config_kwargs(model) -> dict:
+    """Megatron's recompute fields for ``model.recompute`` (``ModelConfig``): 'selective' recomputes the core
+    attention (``recompute_modules=["core_attn"]``), 'full' whole layers by ``recompute_method`` /
+    ``recompute_num_layers``; 'none' sets nothing (Megatron's default: every activation saved)."""
+    if model.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if model.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": model.recompute_method,
+                "recompute_num_layers": model.recompute_num_layers}
+    return {}
 
 
 def build_model(cfg: Config, pg_collection, vocab_size: int, device: torch.device | None = None, *,
