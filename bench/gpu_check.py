@@ -1,7 +1,8 @@
 """One command that proves the trainer on a GPU: correctness against the CPU, checkpoints, speed, memory.
 
-Usage (from the repository root; needs torch, megatron-core, tokenizers, pyyaml, numpy, pytest and
-nothing from the network: the data is synthetic, made here)::
+Usage (needs torch, megatron-core, tokenizers, pyyaml, numpy, pytest and nothing from the network: the data
+is synthetic, made here; the package need not be installed: ``bench/hyperp_megatron`` links to the
+checkout's, which Python finds beside the script)::
 
     python bench/gpu_check.py                          # one GPU, every part, ~5 min with imports
     python bench/gpu_check.py --out $OUT               # results elsewhere (default bench/results/gpu)
@@ -54,9 +55,6 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "bench/results/gpu/cpu_reference.json"
 SYNTHETIC_VOCAB = 8192
 EOD = "<|endoftext|>"
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "H800": 989.0, "B200": 2250.0,
-                    "B100": 1750.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
-"""Dense bf16 tensor-core peak (spec sheets, SXM parts) by a substring of the device name; MFU is against it."""
 
 
 # ---------------------------------------------------------------------- synthetic data
@@ -209,8 +207,12 @@ def run_part(check: Check, fn) -> tuple[dict, dict]:
 def environment(device: torch.device) -> tuple[str, dict]:
     from hyperp_megatron.metrics import package_versions
 
+    import hyperp_megatron
+
     versions = {**package_versions(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                "triton": _version("triton")}
+                "triton": _version("triton"),
+                # bench/hyperp_megatron links to the checkout's package, so the script checks this checkout
+                "package_from_checkout": Path(hyperp_megatron.__file__).resolve().parent == REPO / "hyperp_megatron"}
     if device.type != "cuda":
         return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", versions
     props = torch.cuda.get_device_properties(device)
@@ -229,10 +231,11 @@ def _version(name: str) -> str | None:
 
 
 def peak_tflops_for(gpu: str, override: float | None) -> float | None:
-    if override:
-        return override
-    matches = [tflops for key, tflops in BF16_PEAK_TFLOPS.items() if key in gpu]
-    return max(matches) if matches else None
+    """``--peak-tflops``, else the dense bf16 peak of the GPU by name (``hyperp_megatron.hardware``, the
+    trainer's MFU table)."""
+    from hyperp_megatron.hardware import bf16_peak_tflops
+
+    return override or bf16_peak_tflops(gpu)
 
 
 def write_report(report: dict, out_dir: Path) -> None:

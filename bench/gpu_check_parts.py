@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hyperp_megatron.budget import ModelShape, flops_per_token
+from hyperp_megatron.budget import ModelShape, model_flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = "configs/tiny.yaml"
@@ -159,10 +159,10 @@ def _throughput(check, config: str, name: str, optimizer: str, moe: bool, **shap
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     shape = ModelShape.from_model_config(cfg.model, cfg.model.vocab_size or 8192)
     numbers = {"step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_step / step_s, "tokens_per_step": tokens_per_step,
-               "flops_per_token": flops_per_token(shape), "loss_first": run["losses"][0],
+               "model_flops_per_token": model_flops_per_token(shape), "loss_first": run["losses"][0],
                "loss_last": run["losses"][-1], "timed_steps": len(records)}
     if check.peak_tflops:
-        numbers["mfu"] = numbers["flops_per_token"] * numbers["tokens_per_s"] / (check.peak_tflops * 1e12)
+        numbers["mfu"] = numbers["model_flops_per_token"] * numbers["tokens_per_s"] / (check.peak_tflops * 1e12)
     failures = [] if all(math.isfinite(x) for x in run["losses"]) else [f"non-finite loss: {run['losses']}"]
     return {**numbers, "failures": failures}
 

@@ -11,8 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from hyperp_megatron.config import (ATTENTION_BACKENDS, RECOMPUTE_METHODS, RECOMPUTE_MODES, ModelConfig, MoEConfig,
-                                    ParallelConfig)
+from hyperp_megatron.config import ATTENTION_BACKENDS, ModelConfig, MoEConfig, ParallelConfig
 from hyperp_megatron.transfer import check_positive
 
 GIB = 2**30
@@ -162,6 +161,24 @@ def flops_per_token(shape: ModelShape) -> float:
     return 6 * num_params(shape) + attention
 
 
+def model_flops_per_token(shape: ModelShape) -> float:
+    """Model FLOPs per trained token, the MFU convention (the trainer's ``mfu``, ``bench/gpu_check.py``):
+
+        F/token = 6 (N - V C) + 6 d H hd s
+
+    ``6 = 3 (forward + backward) * 2`` FLOPs per multiply-add. ``N - V C``: :func:`num_params` without the
+    input embedding (a lookup, no matmul); the output layer's ``V C`` is counted, as are the active experts
+    (N counts k experts of ffn/k). Attention: ``QK^T`` and ``AV`` are ``2 * 2 H hd s`` per token and layer
+    over the full ``s x s`` square, halved for the causal mask (the kernels skip the masked half), times 3.
+    Not counted: norms, softmax, RoPE, the router and the gated-attention projection, and recomputation
+    (MFU, not hardware FLOPs utilization). Differs from :func:`flops_per_token` (the reference's budget
+    convention: embeddings in, attention not halved), which is larger. Check (dense d8, s = 2048):
+    6 * 175.37M + 6 * 8 * 2048 * 2048 = 1.2535e9 (reference convention 1.6515e9).
+    """
+    attention = 6 * shape.depth * shape.query_width * shape.seq_length
+    return 6 * (num_params(shape) - shape.vocab_size * shape.width) + attention
+
+
 def training_flops(shape: ModelShape, tokens: float) -> float:
     """Total training FLOPs ``T * flops_per_token`` (see :func:`flops_per_token`)."""
     check_positive(tokens=tokens)
@@ -274,62 +291,58 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: Layout, precisio
     return (2 if precision == "bf16" else 4) * (outside + attention / tp + mlp) + scores
 
 
+RECOMPUTE = ("none", "selective", "full")
+"""Activation recomputation settings the memory estimate knows (Megatron's ``recompute_granularity``)."""
+
+
 @dataclass(frozen=True)
 class Recompute:
-    """Activation recomputation (``model.recompute``, ``recompute_method``, ``recompute_num_layers``: Megatron's
-    ``recompute_granularity``, ``recompute_method``, ``recompute_num_layers``)."""
+    """Activation recomputation as Megatron does it (``model.recompute``, ``recompute_method``,
+    ``recompute_num_layers``): 'none', 'selective' (the core attention) or 'full' (whole layers, 'uniform'
+    chunks of ``num_layers`` or the first ``num_layers`` layers of a stage under 'block')."""
 
     mode: str = "none"
     method: str = "uniform"
     num_layers: int = 1
 
     def __post_init__(self):
-        if self.mode not in RECOMPUTE_MODES or self.method not in RECOMPUTE_METHODS:
-            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)} with method "
-                             f"{' or '.join(RECOMPUTE_METHODS)}, got {self.mode!r} / {self.method!r}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 1:
-            raise ValueError(f"recompute num_layers must be a positive integer, got {self.num_layers!r}")
-
-    @classmethod
-    def from_model_config(cls, model: ModelConfig) -> Recompute:
-        return cls(model.recompute, model.recompute_method, model.recompute_num_layers)
+        if self.mode not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.mode!r}")
+        if self.method not in ("uniform", "block") or self.num_layers < 1:
+            raise ValueError(f"recompute method must be uniform or block with num_layers >= 1, got "
+                             f"{self.method!r}, {self.num_layers}")
 
 
-def stage_activation_bytes_per_token(shape: ModelShape, layout: Layout, precision: str, *, layers: int,
-                                     in_flight: int, attention_backend: str = "auto",
-                                     recompute: Recompute | str = "none", residual_fp32: bool = True) -> float:
-    """Activation bytes one pipeline stage of ``layers`` layers holds at its peak, per token of a micro-batch,
-    with ``in_flight`` micro-batches whose backward is pending (logits not included). With ``P`` =
-    :func:`activation_bytes_per_token_layer` (``s x s`` scores included when the backend keeps them,
-    :func:`attention_keeps_scores`) and ``n`` = ``recompute.num_layers``:
+def stage_activation_bytes(shape: ModelShape, layout: Layout, precision: str, attention_backend: str,
+                           layers: int, recompute: Recompute = Recompute()) -> tuple[float, float]:
+    """(bytes per token kept by one micro-batch in flight on a stage of ``layers`` layers, bytes per token that
+    exist only while a recomputed chunk runs again in the backward):
 
-        none:            in_flight * layers * P
-        selective:       in_flight * layers * P without the scores (the core attention is recomputed from its
-                         saved q, k, v; the one layer it rebuilds at a time is the workspace's score buffer)
-        full, uniform:   in_flight * ceil(layers / n) * I  +  n * P     (chunk inputs; one chunk rebuilt)
-        full, block:     in_flight * (n * I + (layers - n) * P)  +  P   (n inputs, other layers whole; one rebuilt)
-
-    where ``I = C * residual bytes`` (/ TP under sequence parallel) is a chunk's saved input: the residual
-    stream, fp32 with ``residual_fp32`` (``model.fp32_residual`` in bf16 runs), else the precision's. The
-    rebuilt chunk belongs to the one micro-batch in its backward (Korthikanti et al., arXiv 2205.05198,
-    section 5: full recompute keeps ``2 s b h`` per layer in fp16)."""
-    recompute = Recompute(recompute) if isinstance(recompute, str) else recompute
-    scores = attention_keeps_scores(attention_backend) and recompute.mode != "selective"
+    - 'none': :func:`activation_bytes_per_token_layer` per layer; nothing recomputed.
+    - 'selective' (Megatron's ``core_attn``): the core attention is recomputed, so Megatron's unfused
+      attention keeps no ``s x s`` scores (flash / SDPA keep none anyway: no change there).
+    - 'full': a recomputed chunk keeps only its input, ``4 C`` bytes per token (the residual stream, fp32 in
+      this project's bf16 runs; / TP with sequence parallelism), and its layers' activations exist again
+      while it is recomputed; 'uniform' chunks all layers in groups of ``num_layers``, 'block' recomputes
+      the first ``num_layers`` layers one by one and keeps everything of the others.
+    """
+    scores = attention_keeps_scores(attention_backend)
     per_layer = activation_bytes_per_token_layer(shape, layout, precision, attention_scores=scores)
-    if recompute.mode != "full":
-        return in_flight * layers * per_layer
-    residual_bytes = 4 if residual_fp32 or precision == "fp32" else 2
-    chunk_input = residual_bytes * shape.width / (layout.tensor if layout.sequence_parallel else 1)
-    n = min(recompute.num_layers, layers)
+    if recompute.mode == "none":
+        return layers * per_layer, 0.0
+    if recompute.mode == "selective":
+        return layers * activation_bytes_per_token_layer(shape, layout, precision, attention_scores=False), 0.0
+    chunk_input = 4 * shape.width / (layout.tensor if layout.sequence_parallel else 1)
     if recompute.method == "uniform":
-        return in_flight * math.ceil(layers / n) * chunk_input + n * per_layer
-    return in_flight * (n * chunk_input + (layers - n) * per_layer) + per_layer
+        chunk = min(recompute.num_layers, layers)
+        return math.ceil(layers / chunk) * chunk_input, chunk * per_layer
+    recomputed = min(recompute.num_layers, layers)
+    return recomputed * chunk_input + (layers - recomputed) * per_layer, per_layer if recomputed else 0.0
 
 
 def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "sphere_muon",
                    precision: str = "bf16", micro_batch_size: int = 1, num_micro_batches: int = 1,
-                   attention_backend: str = "auto", recompute: Recompute | str = "none",
-                   residual_fp32: bool = True) -> MemoryEstimate:
+                   attention_backend: str = "auto", recompute: Recompute = Recompute()) -> MemoryEstimate:
     """Rough per-GPU memory (within ~30%; allocator fragmentation and NCCL buffers not counted) of a valid
     layout (``config.check_layout``).
 
@@ -341,12 +354,14 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     per-layer counts (:func:`param_counts`), dense ones / TP, routed experts / (EP * ETP), the
     embedding on the first stage and the output layer on the last. Activations: 1F1B keeps
     ``min(PP, M)`` micro-batches in flight on the first stage (1 on the last),
-    ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`; less under
-    ``recompute``, :func:`stage_activation_bytes_per_token`), plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):
+    ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`),
+    plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):
     4 fp32 copies of the largest matrix for Newton-Schulz (gathered whole under TP). Attention
     (:func:`attention_keeps_scores`): with Megatron's unfused attention the saved scores per layer, plus a
     workspace of Megatron's preallocated score buffer and the fp32 softmax input of the layer being computed
-    (``b H/TP s^2 (2|4 + 4)`` bytes).
+    (``b H/TP s^2 (2|4 + 4)`` bytes). Recomputation (``recompute``, :func:`recomputed_activation_bytes`):
+    fewer bytes kept per micro-batch, plus one chunk's activations while it is recomputed
+    (:func:`stage_activation_bytes`).
     """
     if optimizer not in ("sphere_muon", "muon", "adamw"):
         raise ValueError(f"optimizer must be sphere_muon, muon or adamw, got {optimizer!r}")
@@ -362,6 +377,7 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     edp_shard = layout.expert_data if layout.distributed_optimizer else 1
     tokens = micro_batch_size * shape.seq_length
     scores = attention_keeps_scores(attention_backend)
+    kept, recomputed = stage_activation_bytes(shape, layout, precision, attention_backend, layers, recompute)
     largest = max(shape.width * 2 * (shape.expert_ffn if shape.moe else shape.ffn), shape.width * shape.query_width)
     workspace = 0.0 if optimizer == "adamw" else 4 * 4 * largest
     if scores:
@@ -373,9 +389,7 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
         matrices = layers * (c["attention"] + c["dense_mlp"] + c["router"]) / tp
         experts = layers * c["experts"] / (layout.expert * layout.expert_tensor_size)
         in_flight = min(pp, num_micro_batches) if "first" in stage else 1
-        activations = tokens * stage_activation_bytes_per_token(
-            shape, layout, precision, layers=layers, in_flight=in_flight, attention_backend=attention_backend,
-            recompute=recompute, residual_fp32=residual_fp32)
+        activations = (in_flight * kept + recomputed) * tokens
         if "first" in stage:
             adam += c["embedding"] / tp
         if "last" in stage:

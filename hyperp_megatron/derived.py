@@ -24,6 +24,7 @@ from hyperp_megatron.budget import (
     Recompute,
     flops_per_token,
     memory_per_gpu,
+    model_flops_per_token,
     num_params,
     num_params_total,
     training_flops,
@@ -78,9 +79,18 @@ class DerivedRun:
     """The Muon baseline's decay reference ``eta_peak`` (its decay is ``(eta(t) / eta_peak) wd``); None otherwise."""
     output_logit_multiplier: float
     flops_per_token: float
+    """Training FLOPs per token in the reference's budget convention (``budget.flops_per_token``)."""
     train_flops: float
     """flops_per_token * steps * B."""
     memory: MemoryEstimate
+    vocab_size: int = 0
+    """V: the vocabulary every count above uses (model.vocab_size, else the tokenizer's)."""
+    model_flops_per_token: float = 0.0
+    """Model FLOPs per token of the MFU convention (``budget.model_flops_per_token``: no input embedding,
+    causal attention halved)."""
+    at_base_vocab: dict | None = None
+    """When ``hyperp.base_vocab_size`` is set and differs from V: N, tokens, steps and LR the run would have at
+    that vocabulary (:func:`vocab_change_line` says what changed); None otherwise."""
 
     @property
     def trained_tokens(self) -> int:
@@ -101,6 +111,31 @@ class DerivedRun:
                    memory_gib=self.memory.to_dict(), trained_tokens=self.trained_tokens, min_lr=self.min_lr)
         del out["memory"]
         return out
+
+
+def recompute_of(cfg: Config) -> Recompute:
+    """The run's activation recomputation for the memory estimate. ``model.recompute`` (and its method and
+    chunk size) come with the recompute change (issue 23 item 5); a config without them does not recompute."""
+    m = cfg.model
+    return Recompute(getattr(m, "recompute", "none"), getattr(m, "recompute_method", "uniform"),
+                     getattr(m, "recompute_num_layers", 1))
+
+
+def vocab_change_line(derived: DerivedRun) -> str | None:
+    """One line saying what the run's vocabulary changes against ``hyperp.base_vocab_size`` (N(d) counts
+    ``2 V C``, so the default token budget T0 N(d)/N(d0) and the LR's token factor move with V), or None."""
+    base = derived.at_base_vocab
+    if base is None:
+        return None
+    changes = [f"N(d) {base['num_params'] / 1e6:.5g}M -> {derived.num_params / 1e6:.5g}M"]
+    for name, label, fmt in (("tokens", "tokens", ".4g"), ("steps", "steps", "d"), ("lr", "peak LR", ".4g")):
+        if not math.isclose(base[name], getattr(derived, name), rel_tol=1e-12):
+            changes.append(f"{label} {base[name]:{fmt}} -> {getattr(derived, name):{fmt}}")
+    if len(changes) == 1:
+        changes.append("token budget and LR unchanged")
+    return (f"vocabulary {derived.vocab_size} differs from hyperp.base_vocab_size {base['vocab_size']} (the "
+            f"vocabulary the base values were tuned with): {', '.join(changes)}; the rules count the run's "
+            f"vocabulary (set hyperp.base_vocab_size: {derived.vocab_size} to accept this without the warning)")
 
 
 def resolve_vocab_size(cfg: Config, vocab_size: int | None = None) -> int:
@@ -169,10 +204,14 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
     num_micro_batches = t.global_batch_size // (t.micro_batch_size * layout.data)
     memory = memory_per_gpu(shape, layout, optimizer=cfg.optim.name, precision=t.precision,
                             micro_batch_size=t.micro_batch_size, num_micro_batches=num_micro_batches,
-                            attention_backend=cfg.model.attention_backend,
-                            recompute=Recompute.from_model_config(cfg.model),
-                            residual_fp32=cfg.model.fp32_residual)
+                            attention_backend=cfg.model.attention_backend, recompute=recompute_of(cfg))
+    at_base_vocab = None
+    if h.enabled and h.base_vocab_size and vocab != h.base_vocab_size:
+        base = derive(cfg, world_size, vocab_size=h.base_vocab_size, use_default_tokens=use_default_tokens)
+        at_base_vocab = {"vocab_size": h.base_vocab_size, "num_params": base.num_params, "tokens": base.tokens,
+                         "steps": base.steps, "lr": base.lr}
     return DerivedRun(
+        vocab_size=vocab, model_flops_per_token=model_flops_per_token(shape), at_base_vocab=at_base_vocab,
         shape=shape, layout=layout, num_params=n, num_params_total=num_params_total(shape),
         base_num_params=base_n, batch_tokens=batch_tokens, num_micro_batches=num_micro_batches, tokens=tokens,
         default_tokens=default_t, steps=steps, min_lr_ratio=cfg.optim.min_lr_ratio,
@@ -215,8 +254,8 @@ def ignored_settings(cfg: Config, derived: DerivedRun) -> list[str]:
         ([f"model.moe.{k}" for k in ("granularity", "shared_expert", "gate", "aux_loss_coeff", "token_dispatcher",
                                      "grouped_gemm")] if not m.moe.enabled else [],
          "model.moe.sparsity is 0 (a dense model)"),
-        ([f"hyperp.{k}" for k in ("base_lr", "base_batch_tokens", "base_tokens", "token_exponent", "depth_rule",
-                                  "token_rule", "batch_rule")] if not h.enabled else [],
+        ([f"hyperp.{k}" for k in ("base_lr", "base_batch_tokens", "base_tokens", "base_vocab_size", "token_exponent",
+                                  "depth_rule", "token_rule", "batch_rule")] if not h.enabled else [],
          "hyperp.enabled is false (the LR is optim.lr)"),
         (["hyperp.base_depth"] if not h.enabled and m.parameterization != "muon" else [],
          "hyperp.enabled is false and model.parameterization is not 'muon'"),

@@ -105,7 +105,7 @@ class MetricsLogger:
         done = step - self._start_step
         eta = elapsed / max(done, 1) * (self.total_steps - step)
         parts = [f"step {step:>6}/{self.total_steps}"]
-        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+        parts += [_fmt_value(k, v) for k, v in values.items()]
         parts.append(f"eta {_fmt_seconds(eta)}")
         print(" | ".join(parts), flush=True)
 
@@ -118,6 +118,14 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _fmt_value(key: str, value) -> str:
+    if key == "mfu":
+        return f"mfu {100 * value:.1f}%"
+    if key.startswith("tokens_per_s"):
+        return f"{key} {value:,.0f}"
+    return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
 
 
 def _fmt_seconds(seconds: float) -> str:

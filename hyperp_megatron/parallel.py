@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron.config import ParallelConfig
+from hyperp_megatron.hardware import GpuInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,22 @@ def decide_device(cfg: ParallelConfig, local_rank: int) -> torch.device:
 def backend_for(device: torch.device) -> str:
     """The collective backend for tensors on ``device``."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def describe_gpu(device: torch.device) -> GpuInfo | None:
+    """Name, memory and compute capability of ``device`` (None for the CPU): what MFU and the memory check use."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return GpuInfo(props.name, props.total_memory / 2**30, (props.major, props.minor))
+
+
+def visible_gpus() -> list[GpuInfo]:
+    """Every GPU this process sees (empty without CUDA): for the tools that report on the machine."""
+    if not torch.cuda.is_available():
+        return []
+    return [describe_gpu(torch.device("cuda", index)) for index in range(torch.cuda.device_count())]
 
 
 def process_group_device() -> torch.device:

@@ -5,11 +5,17 @@ Usage (``hyperp-plan``, the console script, is the same command)::
     python -m hyperp_megatron.plan --config configs/hyperp/dense_d8.yaml --depths 8,12,16,20,24
     python -m hyperp_megatron.plan --config configs/hyperp/dense_d24.yaml --tp 2 --dp 32 --format json
     python -m hyperp_megatron.plan --config configs/cpu_ladder/d2.yaml --depths 2,4,6,8 --tokens config
+    python -m hyperp_megatron.plan --config configs/hyperp/dense_d24.yaml --tp 1 --gpu-memory 80
 
 Every depth is the config's model family at that depth (``C/d``, ``heads/d``, ``ffn/C`` kept; see
 :meth:`~hyperp_megatron.budget.ModelShape.at_depth`), trained for the default token budget
 ``T0 N(d)/N(d0)`` (``--tokens default``) or the config's ``train.steps`` (``--tokens config``), on the
 config's parallel layout unless ``--tp/--pp/--dp/--ep`` say otherwise (``--dp`` defaults to 1).
+
+Memory: each row's estimate (``mem_gib``, the most loaded pipeline stage) is checked against the GPU's memory
+(``--gpu-memory GIB``; default: this machine's first GPU, none without one): ``fits`` is yes when it is at most
+``hardware.MEMORY_HEADROOM`` of it, and for a row that does not fit the table is followed by the smallest
+layout and the cheapest same-layout change that fit (``memory_fit``), as overrides to paste.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import io
 import json
 import sys
 
-from hyperp_megatron.config import Config, load_config
+from hyperp_megatron import memory_fit
 from hyperp_megatron.budget import ModelShape, attention_keeps_scores
-from hyperp_megatron.derived import derive, resolve_vocab_size
+from hyperp_megatron.config import Config, load_config
+from hyperp_megatron.derived import derive, resolve_vocab_size, vocab_change_line
 
 COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
-           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "tp", "pp", "dp", "ep")
+           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "fits", "tp", "pp", "dp", "ep")
 FORMATS = ("table", "json", "csv")
 
 
@@ -54,9 +61,14 @@ def config_at_depth(cfg: Config, depth: int, *, tp: int, pp: int, ep: int) -> Co
 
 
 def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = None, pp: int | None = None,
-              dp: int = 1, ep: int | None = None, tokens: str = "default") -> list[dict]:
+              dp: int = 1, ep: int | None = None, tokens: str = "default",
+              gpu_memory_gib: float | None = None) -> list[dict]:
     """One row per depth (default: the config's own), every value from :func:`derived.derive` (whose layout
-    check is the trainer's: a layout the trainer refuses fails here with its message and the depth)."""
+    check is the trainer's: a layout the trainer refuses fails here with its message and the depth).
+
+    With ``gpu_memory_gib``: ``fits`` (bool) per row and, for a row that does not fit, ``proposals``: the
+    smallest layout at the same DP and the cheapest same-layout change that fit (``memory_fit``), each
+    ``{"overrides", "memory_gib", "world_size"}``. ``notes``: the vocabulary warning when there is one."""
     if tokens not in ("default", "config"):
         raise ValueError(f"tokens must be 'default' (T0 N(d)/N(d0)) or 'config' (train.steps), got {tokens!r}")
     tp, pp, ep = tp or cfg.parallel.tensor, pp or cfg.parallel.pipeline, ep or cfg.parallel.expert
@@ -71,11 +83,19 @@ def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = 
         except ValueError as exc:
             raise ValueError(f"depth {depth}: {exc}") from None
         s = run.shape
+        row_cfg = config_at_depth(cfg, depth, tp=tp, pp=pp, ep=ep)
+        extra = {"fits": None, "notes": list(filter(None, [vocab_change_line(run)]))}
+        if gpu_memory_gib is not None:
+            extra["fits"] = memory_fit.fits(run, gpu_memory_gib)
+            if not extra["fits"]:
+                extra["proposals"] = [dataclasses.asdict(p) for p in (
+                    memory_fit.smallest_layout(row_cfg, gpu_memory_gib, data=dp),
+                    memory_fit.less_activation_memory(row_cfg, gpu_memory_gib, tp * pp * dp)) if p is not None]
         rows.append(dict(
             depth=s.depth, width=s.width, heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim,
             ffn=s.ffn, params=run.num_params, params_total=run.num_params_total, tokens=run.tokens,
             steps=run.steps, batch_tokens=run.batch_tokens, lr=run.lr, min_lr=run.min_lr,
-            train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep,
+            train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep, **extra,
         ))
     return rows
 
@@ -90,11 +110,19 @@ def _human(value: float) -> str:
 def _table(rows: list[dict]) -> str:
     formats = {"params": _human, "params_total": _human, "tokens": _human, "batch_tokens": _human,
                "lr": "{:.3e}".format, "min_lr": "{:.3e}".format, "train_flops": "{:.3e}".format,
-               "mem_gib": "{:.1f}".format}
+               "mem_gib": "{:.1f}".format, "fits": lambda fits: {None: "-", True: "yes", False: "NO"}[fits]}
     cells = [[formats.get(c, str)(row[c]) for c in COLUMNS] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    notes = dict.fromkeys(note for row in rows for note in row.get("notes", []))
+    lines += [f"# warning: {note}" for note in notes]
+    for row in rows:
+        if "proposals" in row:
+            fixes = [f"{memory_fit.Proposal(**p).command_line()} ({p['memory_gib']:.1f} GiB on {p['world_size']} GPU{'s' if p['world_size'] > 1 else ''})"
+                     for p in row["proposals"]]
+            lines.append(f"# depth {row['depth']} does not fit ({row['mem_gib']:.1f} GiB): "
+                         + (" | ".join(fixes) if fixes else "no layout up to TP * PP = 8 and no recompute setting fits"))
     return "\n".join(lines)
 
 
@@ -106,11 +134,23 @@ def render(rows: list[dict], fmt: str = "table") -> str:
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue().rstrip("\n")
     raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def _gpu_memory(given: float | None) -> tuple[float | None, str]:
+    """(GiB, where it came from): ``--gpu-memory``, else this machine's first GPU, else (None, '')."""
+    if given is not None:
+        if given <= 0:
+            raise ValueError(f"--gpu-memory must be a positive number of GiB, got {given:g}")
+        return given, "--gpu-memory"
+    from hyperp_megatron.parallel import visible_gpus
+
+    gpus = visible_gpus()
+    return (gpus[0].memory_gib, gpus[0].name) if gpus else (None, "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,13 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: config)")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: config)")
+    parser.add_argument("--gpu-memory", type=float, default=None,
+                        help="GPU memory in GiB to check each row against (default: this machine's first GPU)")
     args, overrides = parser.parse_known_args(argv)
     try:
         if args.format not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
         cfg = load_config(args.config, overrides)
         depths = parse_depths(args.depths) if args.depths is not None else None
-        rows = plan_rows(cfg, depths, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, tokens=args.tokens)
+        gpu_memory, gpu_name = _gpu_memory(args.gpu_memory)
+        rows = plan_rows(cfg, depths, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, tokens=args.tokens,
+                         gpu_memory_gib=gpu_memory)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -139,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {args.config}: optim {cfg.optim.name}, hyperp {'on' if h.enabled else 'off'} "
               f"(eta0 {h.base_lr:g}, d0 {h.base_depth}, B0 {h.base_batch_tokens:g}, T0 {h.base_tokens:g}); "
               f"memory GiB/GPU, precision {cfg.train.precision}, attention {cfg.model.attention_backend}"
-              f"{' (keeps s x s scores)' if attention_keeps_scores(cfg.model.attention_backend) else ''}")
+              f"{' (keeps s x s scores)' if attention_keeps_scores(cfg.model.attention_backend) else ''}; "
+              + (f"fits: <= {memory_fit.usable_gib(gpu_memory):.1f} GiB ({memory_fit.MEMORY_HEADROOM:.0%} of "
+                 f"{gpu_memory:g} GiB, {gpu_name})" if gpu_memory else "fits: no GPU memory given (--gpu-memory)"))
     print(render(rows, args.format))
     return 0
 

@@ -22,7 +22,8 @@ from hyperp_megatron import requeue
 from hyperp_megatron.cli import quiet_megatron_import_warnings, split_config_arg
 from hyperp_megatron.config import Config, ConfigError, check_vocab_size, load_config, validate
 from hyperp_megatron.data.tokenizer import load_tokenizer
-from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, write_derived
+from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, vocab_change_line, write_derived
+from hyperp_megatron.hardware import GpuInfo, mfu_peak
 from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
@@ -50,6 +51,8 @@ class Session:
     """Every derived value (``derived.derive``, once): steps, LR schedule, weight decay, logit multiplier."""
     ignored_settings: list[str]
     """One line per setting without effect in this run (logged as warnings, in ``derived.json``)."""
+    gpu: GpuInfo | None
+    """This rank's GPU (None on the CPU): the MFU peak and the memory check."""
 
 
 def _prepare_data(cfg: Config, rank: int):
@@ -95,7 +98,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     from hyperp_megatron.data.datasets import build_datasets, num_samples_per_split
     from hyperp_megatron.model.gpt import build_model
     from hyperp_megatron.optim.builder import build_optimizer
-    from hyperp_megatron.parallel import init_model_parallel, process_group_device
+    from hyperp_megatron.parallel import describe_gpu, init_model_parallel, process_group_device
     from hyperp_megatron.step import StepRunner
 
     device = process_group_device() if device is None else torch.device(device)
@@ -109,7 +112,8 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     derived = derive(cfg, world_size, vocab_size=vocab_size)
-    _check_before_model(cfg, derived, tokenizer, prefixes)
+    gpu = describe_gpu(device)
+    _check_before_model(cfg, derived, tokenizer, prefixes, gpu, world_size)
     ignored = ignored_settings(cfg, derived)
     run_dir = Path(cfg.logging.run_dir)
     if rank == 0:
@@ -141,7 +145,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     logger = MetricsLogger(run_dir, derived.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress)
     return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, derived,
-                   ignored)
+                   ignored, gpu)
 
 
 def _data_iterator(s: Session, dataset, consumed_samples: int):
@@ -175,10 +179,22 @@ def _rng_key(s: Session) -> dict:
 
 def _summary(d: DerivedRun) -> str:
     """One start-up line of the derived values (all of them are in derived.json and checkpoints)."""
-    return (f"[hyperp] rules {d.rules} | N {d.num_params / 1e6:.2f}M | "
+    return (f"[hyperp] rules {d.rules} | N {d.num_params / 1e6:.2f}M (V {d.vocab_size}) | "
             f"tokens {d.tokens:.3g} in {d.steps} steps of {d.batch_tokens} | "
             f"lr {d.lr:.4g} (depth x{d.depth_factor:.3g}, token x{d.token_factor:.3g}, "
-            f"batch x{d.batch_factor:.3g}) | train FLOPs {d.train_flops:.3g}")
+            f"batch x{d.batch_factor:.3g}) | train FLOPs {d.train_flops:.3g} | "
+            f"memory ~{d.memory.total:.1f} GiB/GPU")
+
+
+def throughput(tokens_per_s: float, world_size: int, model_flops_per_token: float,
+               peak_flops: float | None) -> dict[str, float]:
+    """Tokens/s per GPU and, with a peak, MFU = tokens/s per GPU * model FLOPs per token / peak
+    (``budget.model_flops_per_token``, ``hardware.mfu_peak``)."""
+    per_gpu = tokens_per_s / world_size
+    out = {"tokens_per_s_per_gpu": per_gpu}
+    if peak_flops:
+        out["mfu"] = per_gpu * model_flops_per_token / peak_flops
+    return out
 
 
 def resume_roots(cfg: Config) -> list[Path]:
@@ -214,12 +230,19 @@ class RunFinished(Exception):
     """The run's checkpoint is already at (or past) ``train.steps``: nothing to train."""
 
 
-def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str]) -> None:
+def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str], gpu: GpuInfo | None = None,
+                        world_size: int = 1) -> None:
     """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
-    bad value, RunFinished when resuming would leave no step to train (``derived.steps``)."""
+    bad value or a run that does not fit the GPU (``train.memory_check``, ``memory_fit``), RunFinished when
+    resuming would leave no step to train (``derived.steps``)."""
     from hyperp_megatron.data.datasets import check_split_documents
+    from hyperp_megatron.memory_fit import does_not_fit_line
 
     check_vocab_size(cfg, tokenizer.vocab_size)
+    if gpu is not None and cfg.train.memory_check:
+        line = does_not_fit_line(cfg, derived, gpu.memory_gib, gpu.name, world_size)
+        if line:
+            raise ConfigError(line)
     for prefix in prefixes:
         try:
             check_split_documents(prefix, cfg.data.split)
@@ -252,8 +275,11 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     s = setup(cfg, world_size, rank, device)
     t, steps, ckpt_root = cfg.train, s.derived.steps, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
-    for line in s.ignored_settings:
+    for line in s.ignored_settings + list(filter(None, [vocab_change_line(s.derived)])):
         s.logger.message(f"[hyperp] warning: {line}")
+    peak_flops, peak_source = mfu_peak(s.gpu)
+    s.logger.message(f"[hyperp] MFU: {peak_source}; model FLOPs/token {s.derived.model_flops_per_token:.4g} "
+                     "(6 N without the input embedding + causal attention, budget.model_flops_per_token)")
     state = maybe_resume(s)
     data_iterator = _train_iterator(s, state.consumed_samples)
     s.logger.start(state.step)
@@ -274,8 +300,9 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         state.consumed_samples += t.global_batch_size
         step_time = time.perf_counter() - started
         metrics.update(lr=lr, step_time=step_time,
-                       tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time,
-                       **peak_memory_gib(s.device))
+                       tokens_per_s=t.global_batch_size * cfg.model.seq_length / step_time)
+        metrics.update(**throughput(metrics["tokens_per_s"], world_size, s.derived.model_flops_per_token,
+                                    peak_flops), **peak_memory_gib(s.device))
         result["loss"] = metrics["loss"]
         result["losses"].append(metrics["loss"])
         skipped = metrics.pop("skipped")

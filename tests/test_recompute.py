@@ -7,7 +7,7 @@
   layers are called again in the backward);
 - training: 4 steps under each mode give the losses and final weights of the run without recompute, at TP=1
   and TP=2, and the stability monitor's records are unchanged;
-- the planner: activation memory per mode (``budget.activation_memory``).
+- the planner: activation memory per mode (``budget.stage_activation_bytes``, ``memory_per_gpu``, ``derive``).
 """
 
 import pytest
@@ -231,47 +231,43 @@ def test_activation_memory_per_recompute_mode():
 
     shape, layout, tokens, gib = budget.ModelShape(**D8), budget.Layout(), 4096, 2**30
 
-    def activations(**kwargs):
-        return budget.memory_per_gpu(shape, layout, micro_batch_size=1, **kwargs).activations * gib
+    def activations(mode="none", method="uniform", num_layers=1, **kwargs):
+        return budget.memory_per_gpu(shape, layout, micro_batch_size=1, recompute=budget.Recompute(
+            mode, method, num_layers), **kwargs).activations * gib
 
     logits = tokens * 6 * 32000
     per_layer = budget.activation_bytes_per_token_layer(shape, layout, "bf16")  # no scores
     assert activations() == pytest.approx(tokens * 8 * per_layer + logits)
     # selective: nothing to free under flash / SDPA; the s x s scores of Megatron's unfused attention
-    assert activations(recompute="selective") == activations()
-    assert activations(recompute="selective", attention_backend="megatron_local") == activations()
+    assert activations("selective") == activations()
+    assert activations("selective", attention_backend="megatron_local") == activations()
     assert activations(attention_backend="megatron_local") > activations() + 8 * 16 * tokens**2 * 6 - 1
     # full uniform, one layer per chunk: 8 saved layer inputs (fp32 residual stream, C = 1024) + 1 layer rebuilt
-    full = activations(recompute=budget.Recompute("full"))
+    full = activations("full")
     assert full == pytest.approx(tokens * (8 * 4 * 1024 + per_layer) + logits)
-    assert activations(recompute="full", residual_fp32=False) == pytest.approx(
-        tokens * (8 * 2 * 1024 + per_layer) + logits)
-    assert activations(recompute=budget.Recompute("full", "uniform", 2)) == pytest.approx(
-        tokens * (4 * 4 * 1024 + 2 * per_layer) + logits)
+    assert activations("full", "uniform", 2) == pytest.approx(tokens * (4 * 4 * 1024 + 2 * per_layer) + logits)
     # block: n layers recomputed, the others whole; all 8 = uniform by single layers
-    assert activations(recompute=budget.Recompute("full", "block", 3)) == pytest.approx(
-        tokens * (3 * 4 * 1024 + 5 * per_layer + per_layer) + logits)
-    assert activations(recompute=budget.Recompute("full", "block", 8)) == pytest.approx(full)
+    assert activations("full", "block", 3) == pytest.approx(tokens * (3 * 4 * 1024 + 5 * per_layer + per_layer) + logits)
+    assert activations("full", "block", 8) == pytest.approx(full)
     # full recompute of unfused attention rebuilds one layer's scores only
     local_per_layer = budget.activation_bytes_per_token_layer(shape, layout, "bf16", attention_scores=True)
-    assert activations(recompute="full", attention_backend="megatron_local") == pytest.approx(
+    assert activations("full", attention_backend="megatron_local") == pytest.approx(
         tokens * (8 * 4 * 1024 + local_per_layer) + logits)
     with pytest.raises(ValueError, match="recompute must be one of none, selective, full"):
         budget.Recompute("layers")
 
 
 @pytest.mark.tier("unit")
-def test_activation_memory_pipeline_and_sequence_parallel():
+def test_activation_memory_sequence_parallel():
     from hyperp_megatron import budget
 
     shape = budget.ModelShape(**D8)
-    per_token = budget.stage_activation_bytes_per_token
     tp2 = budget.Layout(tensor=2, sequence_parallel=True)
     p = budget.activation_bytes_per_token_layer(shape, tp2, "bf16")
-    # 1F1B: 2 micro-batches in flight keep 2 x the chunk inputs (/ TP under sequence parallel), 1 chunk rebuilt
-    assert per_token(shape, tp2, "bf16", layers=4, in_flight=2, recompute="full") == pytest.approx(
-        2 * 4 * 4 * 1024 / 2 + p)
-    assert per_token(shape, tp2, "bf16", layers=4, in_flight=2) == pytest.approx(2 * 4 * p)
+    # per micro-batch in flight: the chunk inputs (/ TP under sequence parallel); one chunk rebuilt at a time
+    assert budget.stage_activation_bytes(shape, tp2, "bf16", "auto", 4, budget.Recompute("full")) == pytest.approx(
+        (4 * 4 * 1024 / 2, p))
+    assert budget.stage_activation_bytes(shape, tp2, "bf16", "auto", 4) == pytest.approx((4 * p, 0.0))
 
 
 @pytest.mark.tier("unit")

@@ -324,6 +324,10 @@ class TrainConfig:
     """Seed of initialization, data order and dropout."""
     precision: str = "fp32"
     """'fp32' or 'bf16' (mixed precision with fp32 master weights)."""
+    memory_check: bool = True
+    """On a GPU, refuse to start (one line, with the smallest layout or recompute setting that fits) when the
+    memory estimate (``budget.memory_per_gpu``) exceeds 90% of the GPU's memory (``hardware.MEMORY_HEADROOM``).
+    The estimate is rough (~30%): false starts anyway. Not checked on the CPU."""
     eval_interval: int = 50
     """Validate every N steps (and at the end); 0 disables periodic validation."""
     eval_iters: int = 4
@@ -399,6 +403,11 @@ class HyperPConfig:
     """B0: base batch in tokens."""
     base_tokens: float = 10.4e9
     """T0: training tokens at d0."""
+    base_vocab_size: int | None = None
+    """V0: the vocabulary the base values were tuned with (the reference family: 32000), or None. N(d) counts
+    the embedding and output layer (2 V C), so a run with another vocabulary gets another default token
+    budget and LR; when V0 is set and differs from the run's vocabulary, the trainer and ``hyperp-plan`` print
+    one warning line with the values at V0 and at the run's vocabulary (``derived.vocab_change_line``)."""
     token_exponent: float = -0.32
     """Exponent of the data-scaling law (T/T0)^exponent."""
     depth_rule: bool = True
@@ -409,6 +418,10 @@ class HyperPConfig:
     """Apply the square-root batch rule sqrt(B/B0)."""
     default_tokens: bool = False
     """Train for T = T0 N(d)/N(d0) tokens (train.steps becomes ceil(T/B))."""
+
+    def __post_init__(self):
+        if self.base_vocab_size is not None and self.base_vocab_size < 1:
+            raise ValueError(f"hyperp.base_vocab_size must be a positive integer or null, got {self.base_vocab_size}")
 
 
 @dataclass
