@@ -64,9 +64,11 @@ def write_run_files(run_dir: Path, config: dict, info: dict) -> None:
 
 
 class MetricsLogger:
-    """Writes metrics (rank 0 only): ``metrics.jsonl``, TensorBoard events and a progress line."""
+    """Writes metrics (rank 0 only): ``metrics.jsonl``, TensorBoard events, Weights & Biases (``wandb``: a
+    dict of ``wandb.init`` arguments, see :func:`wandb_init_args`) and a progress line."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, progress: bool):
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, progress: bool,
+                 wandb: dict | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.progress = progress and enabled
@@ -74,6 +76,7 @@ class MetricsLogger:
         self._start_step: int | None = None
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb is not None:
+            import wandb as wandb_module  # optional: config.check_optional_packages refused a run without it
+
+            self._wandb = wandb_module.init(**wandb)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -91,6 +98,8 @@ class MetricsLogger:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
     def start(self, step: int) -> None:
         """Mark where this process started (the ETA extrapolates from here)."""
@@ -118,6 +127,18 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def wandb_init_args(logging_cfg, run_dir: Path, config: dict) -> dict | None:
+    """``wandb.init`` arguments for ``logging.wandb_project`` / ``wandb_mode`` (None without a project): files
+    under ``run_dir/wandb``, the run named after the run directory, the resolved config attached."""
+    if not logging_cfg.wandb_project:
+        return None
+    return {"project": logging_cfg.wandb_project, "mode": logging_cfg.wandb_mode, "dir": str(run_dir),
+            "name": Path(run_dir).resolve().name, "config": config}
 
 
 def _fmt_value(key: str, value) -> str:

@@ -24,9 +24,10 @@ from hyperp_megatron.config import Config, ConfigError, check_vocab_size, load_c
 from hyperp_megatron.data.tokenizer import load_tokenizer
 from hyperp_megatron.derived import DerivedRun, derive, ignored_settings, vocab_change_line, write_derived
 from hyperp_megatron.hardware import GpuInfo, mfu_peak
-from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, write_run_files
+from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, wandb_init_args, write_run_files
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
+from hyperp_megatron.profiling import StepProfiler
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
 
 EXIT_NON_FINITE = 3
@@ -143,7 +144,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
         weights=cfg.data.weights or None,
     )
     logger = MetricsLogger(run_dir, derived.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                           progress=cfg.logging.progress)
+                           progress=cfg.logging.progress, wandb=wandb_init_args(cfg.logging, run_dir, cfg.to_dict()))
     return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, derived,
                    ignored, gpu)
 
@@ -289,12 +290,14 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
         s.logger.log(0, {"val_loss": result["first_val_loss"]})
     monitor = StabilityMonitor(cfg.monitor, cfg.model, s.model_chunks, s.optimizer, s.pg_collection)
     skips = SkipCounter(cfg.monitor.max_consecutive_skips)
+    profiler = StepProfiler(t.profile_steps, Path(cfg.logging.run_dir), rank, s.device)
     while state.step < steps:
         lr = s.derived.lr_at(state.step)
         set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
-        metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
-                                      poison_loss=state.step + 1 in cfg.debug.nan_at_steps, preemption=preemption)
+        with profiler.step(state.step + 1):
+            metrics = s.runner.train_step(data_iterator, monitor if monitor.is_due(state.step + 1) else None,
+                                          poison_loss=state.step + 1 in cfg.debug.nan_at_steps, preemption=preemption)
         preempted = metrics.pop("preempted")  # agreed by all ranks inside the step's one host read
         state.step += 1
         state.consumed_samples += t.global_batch_size
@@ -317,6 +320,7 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
             s.logger.message(f"[hyperp] step {state.step}: non-finite loss or gradient norm; update skipped on "
                              f"every rank ({skips.consecutive} in a row, {state.skipped_steps} in total)")
         if stop:
+            profiler.close()
             s.logger.close()
             raise skips.error(state.step)
         if state.step % t.log_interval == 0 or is_last:
@@ -330,6 +334,7 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
             s.logger.message(f"[hyperp] preemption signal: stopped after step {state.step}, checkpoint saved")
             result["preempted"] = True
             break
+    profiler.close()  # a run that ended inside the profiled steps
     result["skipped_steps"] = state.skipped_steps
     if result["preempted"]:
         s.logger.close()

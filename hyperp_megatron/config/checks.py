@@ -14,6 +14,16 @@ def validate(cfg: Config, world_size: int) -> None:
     work); raises ValueError naming what to change."""
     check_layout(cfg, world_size)
     check_paths(cfg)
+    check_optional_packages(cfg)
+
+
+def check_optional_packages(cfg: Config) -> None:
+    """An optional package the config asks for is installed: ``logging.wandb_project`` needs ``wandb``."""
+    import importlib.util
+
+    if cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("logging.wandb_project is set but wandb is not installed: pip install wandb (the package's "
+                         "[wandb] extra), or unset logging.wandb_project")
 
 
 def check_recompute(model, parallel) -> None:

@@ -352,6 +352,10 @@ class TrainConfig:
     resume on GPU reproduces the next losses within 1e-4 relative (fp32). On the CPU runs are bit-identical
     with one thread per process (train.threads 1; with several threads runs were measured to differ in the
     last bits)."""
+    profile_steps: str | None = None
+    """Torch profiler trace of these 1-based optimizer steps, 'first-last' (e.g. '5-7') or one step ('5'):
+    a Chrome trace per rank at ``<run_dir>/profile/trace_rank<rank>.json``, each step a 'step N' range
+    (docs/performance.md). None = no profiling."""
     tf32: bool = True
     """GPU: TF32 tensor cores for fp32 matmuls and convolutions (torch's 'high' float32 matmul precision);
     off under train.deterministic. No effect on the CPU."""
@@ -370,6 +374,10 @@ class TrainConfig:
         for name in ("eval_interval", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.profile_steps is not None:
+            from hyperp_megatron.profiling import parse_profile_steps
+
+            parse_profile_steps(self.profile_steps)
 
 
 @dataclass
@@ -434,6 +442,17 @@ class LoggingConfig:
     """Write TensorBoard event files."""
     progress: bool = True
     """Print the progress line on rank 0."""
+    wandb_project: str | None = None
+    """Also log the metrics to Weights & Biases under this project (rank 0; needs the optional ``wandb`` package:
+    a run that sets this without it is refused at start-up). None = no W&B."""
+    wandb_mode: str = "offline"
+    """W&B mode: 'offline' (files under ``<run_dir>/wandb``, no network; upload later with ``wandb sync``),
+    'online' or 'disabled'."""
+
+    def __post_init__(self):
+        _check_choice("logging.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        if self.wandb_project is not None and not str(self.wandb_project).strip():
+            raise ValueError("logging.wandb_project must be a non-empty project name (or null for no W&B)")
 
 
 @dataclass
