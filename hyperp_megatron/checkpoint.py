@@ -198,23 +198,6 @@ def capture_rng_state(device: torch.device) -> dict:
     }
 
 
-def peek_resumable(root: Path) -> tuple[Path, int] | None:
-    """The checkpoint a resume from ``root`` tries first (``root`` itself if it is one, else the one named in
-    ``latest``, else the newest complete one) and its step, read without verifying its files."""
-    if (root / MANIFEST).is_file():
-        candidate = root
-    elif (root / LATEST).is_file():
-        candidate = read_latest(root)
-    else:
-        candidate = next(iter(complete_checkpoints(root)), None)
-    if candidate is None:
-        return None
-    try:
-        return candidate, int(json.loads((candidate / STATE).read_text())["train_state"]["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def restore_rng_state(state: dict, device: torch.device) -> None:
     """Set every stream :func:`capture_rng_state` captured (same device type)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -258,7 +241,7 @@ def load_plain(path: Path):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        detail = re.search(r"Unsupported [^\n]*", str(exc))
+        detail = re.search(r"Unsupported global: GLOBAL \S+|Unsupported [^\n.]*", str(exc))
         reason = detail.group(0).rstrip(". ") if detail else str(exc).splitlines()[0]
         raise CheckpointError(f"refusing to load {path}: it holds pickled objects, not only tensors and plain data "
                               f"({reason}); resume from a checkpoint written by this version") from None
@@ -349,7 +332,7 @@ def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: di
                                              **extra})
             _write_manifest(tmp)
             if final.exists():
-                _set_aside(final, log)
+                set_aside(final, log, "it existed when this step was saved again")
             os.replace(tmp, final)
             _write_json_atomic_text(root / LATEST, final.name)
         failure = _attempt(publish)
@@ -403,15 +386,16 @@ def _raise_if_any_failed(failure: BaseException | None, root: Path, tmp: Path, s
     raise CheckpointError(f"writing checkpoint step {step} into {tmp} failed ({where}); removed it; {kept}")
 
 
-def _set_aside(path: Path, log) -> None:
-    """Rename an existing step directory (a damaged checkpoint the run fell back from) to a free
-    ``<name>.kept-<k>``: a checkpoint is never overwritten or deleted by a later save."""
+def set_aside(path: Path, log=print, reason: str = "damaged") -> Path:
+    """Rename a step directory (a damaged checkpoint the run fell back from) to a free ``<name>.kept-<k>``,
+    which no save, prune or resume touches: a checkpoint is never overwritten or deleted by a later save."""
     k = 1
     while path.with_name(f"{path.name}.kept-{k}").exists():
         k += 1
     aside = path.with_name(f"{path.name}.kept-{k}")
     os.replace(path, aside)
-    log(f"[hyperp] {path} already existed (not the checkpoint this run resumed from): kept as {aside.name}")
+    log(f"[hyperp] {path} set aside ({reason}): kept as {aside.name}")
+    return aside
 
 
 def _write_json_atomic_text(path: Path, text: str) -> None:

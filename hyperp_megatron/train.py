@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ from hyperp_megatron.metrics import MetricsLogger, peak_memory_gib, run_info, wr
 from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
+from hyperp_megatron.resume import config_changes, find_checkpoint, resume_roots  # noqa: F401 (re-exported)
+from hyperp_megatron.run_lock import RunLock, RunLockError
 
 EXIT_NON_FINITE = 3
 """Exit status when training stops on non-finite values (consecutive skipped steps, or a refused checkpoint)."""
@@ -50,6 +52,20 @@ class Session:
     """Every derived value (``derived.derive``, once): steps, LR schedule, weight decay, logit multiplier."""
     ignored_settings: list[str]
     """One line per setting without effect in this run (logged as warnings, in ``derived.json``)."""
+    start: "Start" = None
+    """The checkpoint the run starts from (:func:`_check_before_model`); None: step 0."""
+
+
+@dataclass
+class Start:
+    """Where the run starts, decided once before the model is built (rank 0 verifies, every rank learns it)."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    damaged: list[Path] = field(default_factory=list)
+    """The run's own damaged checkpoints passed over (set aside before training, never overwritten)."""
+    changes: dict = field(default_factory=dict)
+    """Settings that change the data from here on: ``{key: [saved, now]}`` (warned about, recorded)."""
 
 
 def _prepare_data(cfg: Config, rank: int):
@@ -109,7 +125,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     tokenizer, prefixes = _prepare_data(cfg, rank)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     derived = derive(cfg, world_size, vocab_size=vocab_size)
-    _check_before_model(cfg, derived, tokenizer, prefixes)
+    start = _check_before_model(cfg, derived, tokenizer, prefixes)
     ignored = ignored_settings(cfg, derived)
     run_dir = Path(cfg.logging.run_dir)
     if rank == 0:
@@ -141,7 +157,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     logger = MetricsLogger(run_dir, derived.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress)
     return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, derived,
-                   ignored)
+                   ignored, start)
 
 
 def _data_iterator(s: Session, dataset, consumed_samples: int):
@@ -181,42 +197,41 @@ def _summary(d: DerivedRun) -> str:
             f"batch x{d.batch_factor:.3g}) | train FLOPs {d.train_flops:.3g}")
 
 
-def resume_roots(cfg: Config) -> list[Path]:
-    """Where a run may start from, in order of preference: its own checkpoints (``checkpoint.resume``; a
-    requeued or restarted run continues from its latest even when it began from ``checkpoint.load``), then
-    ``checkpoint.load`` (a checkpoint directory or a checkpoints root)."""
-    c = cfg.checkpoint
-    roots = [Path(cfg.logging.run_dir) / "checkpoints"] if c.resume else []
-    return roots + ([Path(c.load)] if c.load else [])
-
-
-def find_checkpoint(cfg: Config, log=print) -> Path | None:
-    """The checkpoint the run resumes from (:func:`resume_roots`, the first root with an intact one), or None."""
-    for root in resume_roots(cfg):
-        if cfg.checkpoint.load and root == Path(cfg.checkpoint.load) and (root / ckpt.MANIFEST).is_file():
-            return root  # a named checkpoint directory (ckpt.load verifies what it reads)
-        found = ckpt.find_resumable(root, log=log)
-        if found is not None:
-            return found
-    return None
-
-
 def maybe_resume(s: Session) -> ckpt.TrainState:
-    found = find_checkpoint(s.cfg, log=s.logger.message)
-    if found is None:
+    start = s.start or Start()
+    if start.checkpoint is None:
         return ckpt.TrainState()
-    state, _ = ckpt.load(found, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
-    s.logger.message(f"[hyperp] resumed from {found} at step {state.step}")
+    if dist.get_rank() == 0:
+        for path in start.damaged:  # a later save of the same step must not overwrite it
+            ckpt.set_aside(path, s.logger.message, "damaged; the run resumes from an earlier checkpoint")
+        _record_resume(s, start)
+    state, _ = ckpt.load(start.checkpoint, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
+    s.logger.message(f"[hyperp] resumed from {start.checkpoint} at step {state.step}")
     return state
+
+
+RESUMES = "resumes.jsonl"
+"""One line per resume in the run directory: when, from which checkpoint, and the data settings that changed."""
+
+
+def _record_resume(s: Session, start: Start) -> None:
+    for key, (saved, now) in start.changes.items():
+        s.logger.message(f"[hyperp] warning: {key} is {now!r}, the checkpoint's run had {saved!r}: from step "
+                         f"{start.step} on this run sees other samples than the original (recorded in {RESUMES})")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(start.checkpoint),
+              "step": start.step, "changed": start.changes}
+    with (Path(s.cfg.logging.run_dir) / RESUMES).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 class RunFinished(Exception):
     """The run's checkpoint is already at (or past) ``train.steps``: nothing to train."""
 
 
-def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str]) -> None:
+def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str]) -> Start:
     """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
-    bad value, RunFinished when resuming would leave no step to train (``derived.steps``)."""
+    bad value, CheckpointError when no checkpoint can be safely resumed (:func:`_find_start`), RunFinished when
+    resuming would leave no step to train (``derived.steps``). Returns where the run starts."""
     from hyperp_megatron.data.datasets import check_split_documents
 
     check_vocab_size(cfg, tokenizer.vocab_size)
@@ -225,18 +240,34 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
             check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:
             raise ConfigError(f"data.split: {exc}") from None
-    found = next(filter(None, (ckpt.peek_resumable(root) for root in resume_roots(cfg))), None)
-    if found is None or found[1] < derived.steps:
-        return
-    # Verified here only when it ends the run (else maybe_resume verifies it, and falls back if damaged):
-    # rank 0 hashes the files and tells every rank (world broadcast), so all stop or all go on.
-    intact = [ckpt.verify(found[0]) is None if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(intact, src=0)
-    if intact[0]:
-        steps = (f"train.steps {derived.steps}" if derived.steps == cfg.train.steps
-                 else f"the run's {derived.steps} steps (from hyperp.default_tokens)")
-        raise RunFinished(f"run already at step {found[1]} >= {steps}: nothing to do "
-                          "(raise train.steps to continue)")
+    start = _find_start(cfg)
+    if start.checkpoint is None or start.step < derived.steps:
+        return start
+    steps = (f"train.steps {derived.steps}" if derived.steps == cfg.train.steps
+             else f"the run's {derived.steps} steps (from hyperp.default_tokens)")
+    raise RunFinished(f"run already at step {start.step} >= {steps}: nothing to do (raise train.steps to continue)")
+
+
+def _find_start(cfg: Config) -> Start:
+    """:func:`find_checkpoint` and :func:`config_changes` on rank 0 (it hashes the checkpoint's files once), the
+    verdict broadcast to every rank (world), so that all ranks go on or all raise the same CheckpointError."""
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            damaged: list[Path] = []
+            found = find_checkpoint(cfg, damaged=damaged)
+            start = Start(found, damaged=damaged)
+            if found is not None:
+                meta = json.loads((found / ckpt.STATE).read_text())
+                start.step = int(meta["train_state"]["step"])
+                start.changes = config_changes(cfg, meta, found)
+            verdict[0] = start
+        except ckpt.CheckpointError as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if isinstance(verdict[0], str):
+        raise ckpt.CheckpointError(verdict[0])
+    return verdict[0]
 
 
 def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
@@ -388,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         print("[hyperp] device cpu: running megatron-core on the CPU with gloo "
               "(Transformer Engine/apex unused, local layers)", flush=True)
     init_process_group(env, cfg.parallel, device)
+    try:
+        lock = _lock_run_dir(cfg, env.rank)
+    except RunLockError as exc:
+        destroy()
+        return _report_error(env.rank, exc, 2)
     if env.rank == 0:
         write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
                         run_info({"world_size": env.world_size, "launcher": env.launcher}))
@@ -403,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"[hyperp] {exc}", flush=True)
         return 0
-    except ConfigError as exc:  # checks that need the tokenizer (known after data preparation)
+    except (ConfigError, ckpt.CheckpointError) as exc:  # checks after data preparation; a failed save
         return _report_error(env.rank, exc, 2)
     except (NonFiniteTrainingError, ckpt.NonFiniteStateError) as exc:
         return _report_error(env.rank, exc, EXIT_NON_FINITE)
@@ -413,7 +449,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"val_loss {result['val_loss']:.4f} (first val_loss {result['first_val_loss']})", flush=True)
     finally:
         destroy()
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def _lock_run_dir(cfg: Config, rank: int) -> RunLock | None:
+    """Rank 0 locks the run directory before anything is written there (``run_lock``); every rank learns the
+    verdict (world broadcast), so a refused job stops on every node. Returns rank 0's lock (None elsewhere)."""
+    lock, verdict = None, [None]
+    if rank == 0:
+        try:
+            lock = RunLock(Path(cfg.logging.run_dir)).acquire()
+        except RunLockError as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise RunLockError(verdict[0])
+    return lock
 
 
 if __name__ == "__main__":
