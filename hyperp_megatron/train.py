@@ -397,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_megatron_import_warnings()  # importing this module imports no megatron: the filters come first
     from hyperp_megatron.parallel import decide_device, destroy, discover_launch_env, init_process_group
 
-    env = discover_launch_env(os.environ)
+    try:
+        env = discover_launch_env(os.environ)
+    except ValueError as exc:  # which process is rank 0 is unknown: each one says it
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         config_path, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)
