@@ -232,10 +232,14 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
     """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
     bad value, CheckpointError when no checkpoint can be safely resumed (:func:`_find_start`), RunFinished when
     resuming would leave no step to train (``derived.steps``). Returns where the run starts."""
-    from hyperp_megatron.data.datasets import check_split_documents
+    from hyperp_megatron.data.datasets import check_data_files, check_split_documents
 
     check_vocab_size(cfg, tokenizer.vocab_size)
     for prefix in prefixes:
+        try:
+            check_data_files(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"data.prefixes: {exc}") from None
         try:
             check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:
