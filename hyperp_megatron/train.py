@@ -99,8 +99,11 @@ def configure_numerics(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None) -> Session:
-    """Model, optimizer, data and logger for this rank (distributed state already initialized).
+def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None,
+          launch: dict | None = None) -> Session:
+    """Model, optimizer, data and logger for this rank (distributed state already initialized). The run
+    directory's files (config.yaml, run_info.json with ``launch``, derived.json) are written once the start
+    checkpoint is known to be usable: a refused launch leaves the run directory as it was.
 
     ``device``: the one :func:`hyperp_megatron.parallel.init_process_group` decided (default: the
     initialized process group's, ``parallel.process_group_device``)."""
@@ -129,6 +132,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     ignored = ignored_settings(cfg, derived)
     run_dir = Path(cfg.logging.run_dir)
     if rank == 0:
+        write_run_files(run_dir, cfg.to_dict(), run_info(launch))
         write_derived(run_dir, derived, ignored)
     chunks = build_model(cfg, pg_collection, vocab_size, device, logit_multiplier=derived.output_logit_multiplier)
     tf_config = chunks[0].config
@@ -275,16 +279,16 @@ def _find_start(cfg: Config) -> Start:
 
 
 def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
-          device: torch.device | None = None) -> dict:
+          device: torch.device | None = None, launch: dict | None = None) -> dict:
     """Train for the run's ``derived.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
     metrics (on every rank).
 
     With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
-    (``result["preempted"]``).
+    (``result["preempted"]``). ``launch``: how the job was started, recorded in ``run_info.json``.
     """
     from hyperp_megatron.optim.builder import set_learning_rate
 
-    s = setup(cfg, world_size, rank, device)
+    s = setup(cfg, world_size, rank, device, launch)
     t, steps, ckpt_root = cfg.train, s.derived.steps, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
     for line in s.ignored_settings:
@@ -433,12 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         destroy()
         return _report_error(env.rank, exc, 2)
     if env.rank == 0:
-        write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
-                        run_info({"world_size": env.world_size, "launcher": env.launcher}))
         _clear_preemption_marker(Path(cfg.logging.run_dir))
     preemption = PreemptionFlag().install()
     try:
-        result = train(cfg, env.world_size, env.rank, preemption, device)
+        result = train(cfg, env.world_size, env.rank, preemption, device,
+                       launch={"world_size": env.world_size, "launcher": env.launcher})
         if result["preempted"]:
             if env.rank == 0:  # every rank has passed the checkpoint's last barrier: it is complete
                 _write_preemption_marker(Path(cfg.logging.run_dir), result["step"], preemption)
