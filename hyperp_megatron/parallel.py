@@ -102,9 +102,10 @@ def _port(environ: Mapping[str, str], default: int | None) -> int | None:
 
 def _tasks_on_first_node(value: str) -> int:
     """SLURM's tasks-per-node list (``2(x3),1``): the first node's count."""
-    if not re.fullmatch(r"\d+(\(x\d+\))?(,\d+(\(x\d+\))?)*", value.strip()) or int(value.split(",")[0].split("(")[0]) < 1:
+    first = value.split(",")[0].split("(")[0]
+    if not re.fullmatch(r"\d+(\(x\d+\))?(,\d+(\(x\d+\))?)*", value.strip()) or int(first) < 1:
         raise ValueError(f"SLURM_TASKS_PER_NODE={value!r} is not a SLURM task count list such as '4' or '2(x3),1'")
-    return int(value.split(",")[0].split("(")[0])
+    return int(first)
 
 
 def _check_ranks(env: LaunchEnv, names: tuple[str, str, str, str], local: bool = True) -> LaunchEnv:
