@@ -7,13 +7,20 @@ Layout of ``<run_dir>/checkpoints``::
         train_state.json    step, consumed samples, config, derived values
         rng_rank00000.pt    per-rank RNG states: python, numpy, torch CPU, CUDA and Megatron's
                             tensor-parallel RNG tracker; restored only under the same layout key
-    step_000100.tmp/        being written; never loaded, removed by the next save
-    latest                  the name of the newest complete checkpoint (replaced atomically)
+    step_000100.tmp/        being written; never loaded, removed by the next save (or by the failed save)
+    step_000100.kept-1/     a step directory that existed when this step was saved again (a damaged
+                            checkpoint the run fell back from): set aside, never deleted
+    latest                  the name of the newest complete checkpoint (replaced atomically); followed only
+                            to a ``step_*`` directory inside ``checkpoints/``
 
 A checkpoint becomes visible only when complete: all ranks write into a temporary directory, rank 0
 writes the manifest, renames the directory, then replaces ``latest``. A kill at any moment leaves
 either the previous ``latest`` or the new complete one. On load the manifest is checked; a corrupt
-or truncated checkpoint is reported and the previous complete one is used.
+or truncated checkpoint is reported and the previous complete one is used; a damaged checkpoint is never
+overwritten or deleted (see ``docs/reliability.md``).
+
+Every file is read without unpickling code: the RNG states are tensors and plain numbers, loaded with
+``torch.load(weights_only=True)``.
 
 What a resume guarantees. On the CPU with one intra-op thread per process, and on a GPU with
 ``train.deterministic``, a run resumed in the same layout is bit-identical to the uninterrupted one
@@ -26,10 +33,12 @@ are per rank), and the next losses agree within the layout tolerance.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -45,6 +54,14 @@ from hyperp_megatron.resilience import PREEMPTION_SIGNALS
 MANIFEST = "manifest.json"
 STATE = "train_state.json"
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_\d+")
+DISK_FULL_BYTES = 1 << 20
+"""Free bytes below which a failed write is reported as a full disk (writers such as torch's zip writer lose
+the errno: ``unexpected pos 704 vs 598``)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written safely; reported as one line."""
 
 
 class NonFiniteStateError(RuntimeError):
@@ -112,60 +129,83 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
 
 
-def find_resumable(root: Path, log=print) -> Path | None:
-    """The newest intact checkpoint under ``root`` (``latest`` first), reporting any that are damaged."""
-    candidates = complete_checkpoints(root)
+def read_latest(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names (None without a ``latest``). It must name a ``step_*`` directory
+    inside ``root``: anything else (``../..``, an absolute path, a link leading out) is a CheckpointError."""
     latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
+    if not latest.is_file():
+        return None
+    name = latest.read_text().strip()
+    target = root / name
+    if not STEP_NAME.fullmatch(name) or target.resolve().parent != root.resolve():
+        raise CheckpointError(f"{latest} names {name!r}, not a step_* directory inside {root}: refusing to follow "
+                              f"it (write a checkpoint's name, e.g. step_000100, into it or remove it)")
+    return target
+
+
+@dataclass
+class Scan:
+    """What a checkpoints root holds: the newest intact checkpoint and every damaged one tried before it."""
+
+    intact: Path | None
+    damaged: list[tuple[Path, str]]
+
+    def describe_damage(self) -> str:
+        return "; ".join(f"{path} ({problem})" for path, problem in self.damaged)
+
+
+def scan(root: Path, log=print) -> Scan:
+    """Verify ``root``'s checkpoints, ``latest`` first, then newest first, up to the first intact one; each
+    damaged one is logged with what is tried next."""
+    candidates = complete_checkpoints(root)
+    named = read_latest(root)
+    if named is not None:
         candidates = [named] + [c for c in candidates if c != named]
-    for candidate in candidates:
+    damaged = []
+    for i, candidate in enumerate(candidates):
         problem = verify(candidate) if candidate.is_dir() else "directory missing"
         if problem is None:
-            return candidate
-        log(f"[hyperp] checkpoint {candidate} is unusable ({problem}); trying the previous one")
-    return None
+            return Scan(candidate, damaged)
+        damaged.append((candidate, problem))
+        following = f"trying {candidates[i + 1].name}" if i + 1 < len(candidates) else "no other checkpoint to try"
+        log(f"[hyperp] checkpoint {candidate} is unusable ({problem}); {following}")
+    return Scan(None, damaged)
+
+
+def find_resumable(root: Path, log=print) -> Path | None:
+    """The newest intact checkpoint under ``root`` (``latest`` first), reporting any that are damaged."""
+    return scan(root, log).intact
 
 
 def capture_rng_state(device: torch.device) -> dict:
     """Every RNG stream of this process: python, numpy, torch's CPU generator, the CUDA generator of
     ``device`` (on a GPU) and Megatron's tracker (model-, expert- and data-parallel streams, which
-    drive tensor-parallel dropout; on the CPU they are CPU generator states, see ``compat/cpu.py``)."""
+    drive tensor-parallel dropout; on the CPU they are CPU generator states, see ``compat/cpu.py``).
+
+    Tensors, numbers and strings only, so that :func:`load_rng` reads it with ``weights_only=True``."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     device = torch.device(device)
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "tracker": {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()},
     }
 
 
-def peek_resumable(root: Path) -> tuple[Path, int] | None:
-    """The checkpoint a resume from ``root`` tries first (``root`` itself if it is one, else the one named in
-    ``latest``, else the newest complete one) and its step, read without verifying its files."""
-    if (root / MANIFEST).is_file():
-        candidate = root
-    elif (root / LATEST).is_file():
-        candidate = root / (root / LATEST).read_text().strip()
-    else:
-        candidate = next(iter(complete_checkpoints(root)), None)
-    if candidate is None:
-        return None
-    try:
-        return candidate, int(json.loads((candidate / STATE).read_text())["train_state"]["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def restore_rng_state(state: dict, device: torch.device) -> None:
     """Set every stream :func:`capture_rng_state` captured (same device type)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], torch.device(device))
@@ -186,11 +226,25 @@ def load_rng(ckpt_dir: Path, rank: int, key: dict, device: torch.device) -> str 
     path = _rng_file(ckpt_dir, rank)
     if not path.is_file():
         return f"no {path.name}"
-    saved = torch.load(path, weights_only=False)
+    saved = load_plain(path)
     if saved.get("key") != key:
         return f"saved for layout {saved.get('key')}, this run is {key}"
     restore_rng_state(saved["state"], device)
     return None
+
+
+def load_plain(path: Path):
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, never code; anything else (a pickled
+    object, e.g. an RNG file from before they were plain data, or a planted payload) is a CheckpointError."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        detail = re.search(r"Unsupported global: GLOBAL \S+|Unsupported [^\n.]*", str(exc))
+        reason = detail.group(0).rstrip(". ") if detail else str(exc).splitlines()[0]
+        raise CheckpointError(f"refusing to load {path}: it holds pickled objects, not only tensors and plain data "
+                              f"({reason}); resume from a checkpoint written by this version") from None
 
 
 def _default_rng_key(device: torch.device) -> dict:
@@ -248,10 +302,13 @@ def _start_writer_helpers() -> None:
 
 
 def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2, *,
-         rng_key: dict | None = None) -> Path:
+         rng_key: dict | None = None, log=print) -> Path:
     """Save a complete checkpoint for ``state.step`` (collective: every rank calls it); refuses a state
     with non-finite weights (:class:`NonFiniteStateError`). ``rng_key``: the layout the RNG streams
-    belong to (``parallel.layout_key``; default: world size and device type)."""
+    belong to (``parallel.layout_key``; default: world size and device type).
+
+    A write that fails on any rank (a full disk: "no space left on <root>") removes the partial ``.tmp`` and
+    raises :class:`CheckpointError` on every rank; the previous checkpoint stays ``latest``."""
     from megatron.core import dist_checkpointing
 
     device = _model_device(model_chunks)
@@ -266,19 +323,79 @@ def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: di
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp))
-    save_rng(tmp, rank, rng_key or _default_rng_key(device), device)
-    dist.barrier()
+    failure = _attempt(lambda: (dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp)),
+                                save_rng(tmp, rank, rng_key or _default_rng_key(device), device)))
+    _raise_if_any_failed(failure, root, tmp, state.step, device)
     if rank == 0:
-        _write_json_atomic(tmp / STATE, {"train_state": vars(state), "world_size": dist.get_world_size(), **extra})
-        _write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_json_atomic_text(root / LATEST, final.name)
+        def publish():
+            _write_json_atomic(tmp / STATE, {"train_state": vars(state), "world_size": dist.get_world_size(),
+                                             **extra})
+            _write_manifest(tmp)
+            if final.exists():
+                set_aside(final, log, "it existed when this step was saved again")
+            os.replace(tmp, final)
+            _write_json_atomic_text(root / LATEST, final.name)
+        failure = _attempt(publish)
+    _raise_if_any_failed(failure, root, tmp, state.step, device)
+    if rank == 0:
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def _attempt(write) -> BaseException | None:
+    """Run ``write``; the exception it raised (a full disk, an I/O error), or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        write()
+    except (OSError, RuntimeError, CheckpointException) as exc:
+        return exc
+    return None
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(path).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _raise_if_any_failed(failure: BaseException | None, root: Path, tmp: Path, step: int,
+                         device: torch.device) -> None:
+    """Collective: if a write failed on any rank, rank 0 removes ``tmp`` and every rank raises CheckpointError."""
+    failed = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(failed)  # world: every rank has finished writing (or failed) before tmp is removed
+    if not failed.item():
+        return
+    disk_full = failure is not None and _is_disk_full(failure, root)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = read_latest(root) if (root / LATEST).is_file() else None
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    if disk_full:
+        raise CheckpointError(f"no space left on {root}: checkpoint step {step} not written (removed {tmp.name}); "
+                              f"{kept}; free space and relaunch to resume")
+    cause = str(failure).splitlines()[0] if failure is not None and str(failure) else type(failure).__name__
+    where = f"{type(failure).__name__}: {cause}" if failure is not None else "on another rank"
+    raise CheckpointError(f"writing checkpoint step {step} into {tmp} failed ({where}); removed it; {kept}")
+
+
+def set_aside(path: Path, log=print, reason: str = "damaged") -> Path:
+    """Rename a step directory (a damaged checkpoint the run fell back from) to a free ``<name>.kept-<k>``,
+    which no save, prune or resume touches: a checkpoint is never overwritten or deleted by a later save."""
+    k = 1
+    while path.with_name(f"{path.name}.kept-{k}").exists():
+        k += 1
+    aside = path.with_name(f"{path.name}.kept-{k}")
+    os.replace(path, aside)
+    log(f"[hyperp] {path} set aside ({reason}): kept as {aside.name}")
+    return aside
 
 
 def _write_json_atomic_text(path: Path, text: str) -> None:

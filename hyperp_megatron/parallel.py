@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import re
 import subprocess
 from collections.abc import Mapping
 
@@ -66,7 +67,7 @@ def _mpi_env(environ: Mapping[str, str]) -> LaunchEnv:
     rank, size = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     addr = comm.bcast(environ.get("MASTER_ADDR") or MPI.Get_processor_name() if rank == 0 else None, root=0)
-    port = comm.bcast(int(environ.get("MASTER_PORT", 0)) or _free_port() if rank == 0 else None, root=0)
+    port = comm.bcast(_port(environ, None) or _free_port() if rank == 0 else None, root=0)
     return LaunchEnv(rank, size, local.Get_rank(), local.Get_size(), addr, port, "mpi")
 
 
@@ -78,34 +79,84 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _env_int(environ: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
+    """``environ[name]`` as an integer >= ``minimum`` (``default`` when unset); ValueError (one line) otherwise."""
+    value = environ.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{name} is not set (the launcher sets it)")
+        return default
+    if not re.fullmatch(r"\s*[+-]?\d+\s*", value) or int(value) < minimum:
+        raise ValueError(f"{name}={value!r} is not an integer >= {minimum}: check the launcher's environment")
+    return int(value)
+
+
+def _port(environ: Mapping[str, str], default: int | None) -> int | None:
+    """MASTER_PORT (1-65535; empty or unset: ``default``)."""
+    if not environ.get("MASTER_PORT", "").strip():
+        return default
+    port = _env_int(environ, "MASTER_PORT", minimum=1)
+    if port > 65535:
+        raise ValueError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+    return port
+
+
+def _tasks_on_first_node(value: str) -> int:
+    """SLURM's tasks-per-node list (``2(x3),1``): the first node's count."""
+    first = value.split(",")[0].split("(")[0]
+    if not re.fullmatch(r"\d+(\(x\d+\))?(,\d+(\(x\d+\))?)*", value.strip()) or int(first) < 1:
+        raise ValueError(f"SLURM_TASKS_PER_NODE={value!r} is not a SLURM task count list such as '4' or '2(x3),1'")
+    return int(first)
+
+
+def _check_ranks(env: LaunchEnv, names: tuple[str, str, str, str], local: bool = True) -> LaunchEnv:
+    """Rank < world size and (``local``) local rank < local world size: a mismatch would wait for ranks that
+    never come (for parallel.timeout_minutes) instead of failing."""
+    rank, world, local_rank, local_world = names
+    if env.rank >= env.world_size:
+        raise ValueError(f"{rank}={env.rank} is not below {world}={env.world_size}: check the launcher's environment")
+    if not local:
+        return env
+    if env.local_rank >= env.local_world_size:
+        raise ValueError(f"{local_rank}={env.local_rank} is not below {local_world}={env.local_world_size}: check the "
+                         "launcher's environment")
+    if env.local_world_size > env.world_size:
+        raise ValueError(f"{local_world}={env.local_world_size} exceeds {world}={env.world_size}")
+    return env
+
+
 def discover_launch_env(environ: Mapping[str, str]) -> LaunchEnv:
-    """Rank, world size and master address from torchrun, SLURM (srun tasks) or MPI variables."""
+    """Rank, world size and master address from torchrun, SLURM (srun tasks) or MPI variables; ValueError (one
+    line) for a variable that is not a valid number or ranks that do not fit the world size."""
     if "RANK" in environ and "WORLD_SIZE" in environ:  # torchrun (also torchrun under SLURM)
-        return LaunchEnv(
-            rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
-            local_rank=int(environ.get("LOCAL_RANK", 0)),
-            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
+        env = LaunchEnv(
+            rank=_env_int(environ, "RANK"), world_size=_env_int(environ, "WORLD_SIZE", minimum=1),
+            local_rank=_env_int(environ, "LOCAL_RANK", 0),
+            local_world_size=_env_int(environ, "LOCAL_WORLD_SIZE", 1, minimum=1),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(environ.get("MASTER_PORT", 29500)), launcher="torchrun",
+            master_port=_port(environ, 29500), launcher="torchrun",
         )
+        return _check_ranks(env, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
     # MPI before SLURM: mpiexec inside an allocation starts its proxies with srun, so SLURM_PROCID is
     # the proxy's, not the rank's. Under srun --mpi=pmi2/pmix both agree.
     mpi_markers = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
     if any(key in environ for key in mpi_markers):
         return _mpi_env(environ)
     # SLURM_STEP_ID: only a task started by srun is a rank (the batch script itself has SLURM_PROCID=0).
-    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and _env_int(environ, "SLURM_NTASKS", 1, 1) > 1:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "localhost")
         tasks_per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
-        return LaunchEnv(
-            rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
-            local_rank=int(environ.get("SLURM_LOCALID", 0)),
-            local_world_size=int(tasks_per_node.split(",")[0].split("(")[0]),
+        env = LaunchEnv(
+            rank=_env_int(environ, "SLURM_PROCID"), world_size=_env_int(environ, "SLURM_NTASKS", minimum=1),
+            local_rank=_env_int(environ, "SLURM_LOCALID", 0),
+            local_world_size=_tasks_on_first_node(tasks_per_node),
             master_addr=environ.get("MASTER_ADDR") or _first_slurm_host(nodelist),
-            master_port=int(environ.get("MASTER_PORT") or _port_from_job(environ.get("SLURM_JOB_ID", "0"))),
+            master_port=_port(environ, None) or _port_from_job(environ.get("SLURM_JOB_ID", "0")),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT", 0)) or _free_port(), "single")
+        # Local ranks are not checked: the tasks per node may differ from node to node ('2,1').
+        return _check_ranks(env, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_TASKS_PER_NODE"), local=False)
+    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _port(environ, None) or _free_port(), "single")
 
 
 def decide_device(cfg: ParallelConfig, local_rank: int) -> torch.device:

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ from hyperp_megatron.monitors import PREFIX as MONITOR_PREFIX
 from hyperp_megatron.monitors import NonFiniteTrainingError, SkipCounter, StabilityMonitor
 from hyperp_megatron.profiling import StepProfiler
 from hyperp_megatron.resilience import EXIT_REQUEUE, PreemptionFlag, weights_digest
+from hyperp_megatron.resume import config_changes, find_checkpoint, resume_roots  # noqa: F401 (re-exported)
+from hyperp_megatron.run_lock import RunLock, RunLockError
 
 EXIT_NON_FINITE = 3
 """Exit status when training stops on non-finite values (consecutive skipped steps, or a refused checkpoint)."""
@@ -54,6 +56,20 @@ class Session:
     """One line per setting without effect in this run (logged as warnings, in ``derived.json``)."""
     gpu: GpuInfo | None
     """This rank's GPU (None on the CPU): the MFU peak and the memory check."""
+    start: "Start" = None
+    """The checkpoint the run starts from (:func:`_check_before_model`); None: step 0."""
+
+
+@dataclass
+class Start:
+    """Where the run starts, decided once before the model is built (rank 0 verifies, every rank learns it)."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    damaged: list[Path] = field(default_factory=list)
+    """The run's own damaged checkpoints passed over (set aside before training, never overwritten)."""
+    changes: dict = field(default_factory=dict)
+    """Settings that change the data from here on: ``{key: [saved, now]}`` (warned about, recorded)."""
 
 
 def _prepare_data(cfg: Config, rank: int):
@@ -87,8 +103,11 @@ def configure_numerics(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None) -> Session:
-    """Model, optimizer, data and logger for this rank (distributed state already initialized).
+def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None = None,
+          launch: dict | None = None) -> Session:
+    """Model, optimizer, data and logger for this rank (distributed state already initialized). The run
+    directory's files (config.yaml, run_info.json with ``launch``, derived.json) are written once the start
+    checkpoint is known to be usable: a refused launch leaves the run directory as it was.
 
     ``device``: the one :func:`hyperp_megatron.parallel.init_process_group` decided (default: the
     initialized process group's, ``parallel.process_group_device``)."""
@@ -114,10 +133,11 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     derived = derive(cfg, world_size, vocab_size=vocab_size)
     gpu = describe_gpu(device)
-    _check_before_model(cfg, derived, tokenizer, prefixes, gpu, world_size)
+    start = _check_before_model(cfg, derived, tokenizer, prefixes, gpu, world_size)
     ignored = ignored_settings(cfg, derived)
     run_dir = Path(cfg.logging.run_dir)
     if rank == 0:
+        write_run_files(run_dir, cfg.to_dict(), run_info(launch))
         write_derived(run_dir, derived, ignored)
     chunks = build_model(cfg, pg_collection, vocab_size, device, logit_multiplier=derived.output_logit_multiplier)
     tf_config = chunks[0].config
@@ -146,7 +166,7 @@ def setup(cfg: Config, world_size: int, rank: int, device: torch.device | None =
     logger = MetricsLogger(run_dir, derived.steps, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress, wandb=wandb_init_args(cfg.logging, run_dir, cfg.to_dict()))
     return Session(cfg, device, pg_collection, chunks, optimizer, runner, tokenizer, datasets, logger, derived,
-                   ignored, gpu)
+                   ignored, gpu, start)
 
 
 def _data_iterator(s: Session, dataset, consumed_samples: int):
@@ -198,33 +218,31 @@ def throughput(tokens_per_s: float, world_size: int, model_flops_per_token: floa
     return out
 
 
-def resume_roots(cfg: Config) -> list[Path]:
-    """Where a run may start from, in order of preference: its own checkpoints (``checkpoint.resume``; a
-    requeued or restarted run continues from its latest even when it began from ``checkpoint.load``), then
-    ``checkpoint.load`` (a checkpoint directory or a checkpoints root)."""
-    c = cfg.checkpoint
-    roots = [Path(cfg.logging.run_dir) / "checkpoints"] if c.resume else []
-    return roots + ([Path(c.load)] if c.load else [])
-
-
-def find_checkpoint(cfg: Config, log=print) -> Path | None:
-    """The checkpoint the run resumes from (:func:`resume_roots`, the first root with an intact one), or None."""
-    for root in resume_roots(cfg):
-        if cfg.checkpoint.load and root == Path(cfg.checkpoint.load) and (root / ckpt.MANIFEST).is_file():
-            return root  # a named checkpoint directory (ckpt.load verifies what it reads)
-        found = ckpt.find_resumable(root, log=log)
-        if found is not None:
-            return found
-    return None
-
-
 def maybe_resume(s: Session) -> ckpt.TrainState:
-    found = find_checkpoint(s.cfg, log=s.logger.message)
-    if found is None:
+    start = s.start or Start()
+    if start.checkpoint is None:
         return ckpt.TrainState()
-    state, _ = ckpt.load(found, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
-    s.logger.message(f"[hyperp] resumed from {found} at step {state.step}")
+    if dist.get_rank() == 0:
+        for path in start.damaged:  # a later save of the same step must not overwrite it
+            ckpt.set_aside(path, s.logger.message, "damaged; the run resumes from an earlier checkpoint")
+        _record_resume(s, start)
+    state, _ = ckpt.load(start.checkpoint, s.model_chunks, s.optimizer, rng_key=_rng_key(s), log=s.logger.message)
+    s.logger.message(f"[hyperp] resumed from {start.checkpoint} at step {state.step}")
     return state
+
+
+RESUMES = "resumes.jsonl"
+"""One line per resume in the run directory: when, from which checkpoint, and the data settings that changed."""
+
+
+def _record_resume(s: Session, start: Start) -> None:
+    for key, (saved, now) in start.changes.items():
+        s.logger.message(f"[hyperp] warning: {key} is {now!r}, the checkpoint's run had {saved!r}: from step "
+                         f"{start.step} on this run sees other samples than the original (recorded in {RESUMES})")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(start.checkpoint),
+              "step": start.step, "changed": start.changes}
+    with (Path(s.cfg.logging.run_dir) / RESUMES).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 class RunFinished(Exception):
@@ -232,11 +250,12 @@ class RunFinished(Exception):
 
 
 def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: list[str], gpu: GpuInfo | None = None,
-                        world_size: int = 1) -> None:
+                        world_size: int = 1) -> Start:
     """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
-    bad value or a run that does not fit the GPU (``train.memory_check``, ``memory_fit``), RunFinished when
-    resuming would leave no step to train (``derived.steps``)."""
-    from hyperp_megatron.data.datasets import check_split_documents
+    bad value or a run that does not fit the GPU (``train.memory_check``, ``memory_fit``), CheckpointError when
+    no checkpoint can be safely resumed (:func:`_find_start`), RunFinished when resuming would leave no step to
+    train (``derived.steps``). Returns where the run starts."""
+    from hyperp_megatron.data.datasets import check_data_files, check_split_documents
     from hyperp_megatron.memory_fit import does_not_fit_line
 
     check_vocab_size(cfg, tokenizer.vocab_size)
@@ -246,34 +265,54 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
             raise ConfigError(line)
     for prefix in prefixes:
         try:
+            check_data_files(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"data.prefixes: {exc}") from None
+        try:
             check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:
             raise ConfigError(f"data.split: {exc}") from None
-    found = next(filter(None, (ckpt.peek_resumable(root) for root in resume_roots(cfg))), None)
-    if found is None or found[1] < derived.steps:
-        return
-    # Verified here only when it ends the run (else maybe_resume verifies it, and falls back if damaged):
-    # rank 0 hashes the files and tells every rank (world broadcast), so all stop or all go on.
-    intact = [ckpt.verify(found[0]) is None if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(intact, src=0)
-    if intact[0]:
-        steps = (f"train.steps {derived.steps}" if derived.steps == cfg.train.steps
-                 else f"the run's {derived.steps} steps (from hyperp.default_tokens)")
-        raise RunFinished(f"run already at step {found[1]} >= {steps}: nothing to do "
-                          "(raise train.steps to continue)")
+    start = _find_start(cfg)
+    if start.checkpoint is None or start.step < derived.steps:
+        return start
+    steps = (f"train.steps {derived.steps}" if derived.steps == cfg.train.steps
+             else f"the run's {derived.steps} steps (from hyperp.default_tokens)")
+    raise RunFinished(f"run already at step {start.step} >= {steps}: nothing to do (raise train.steps to continue)")
+
+
+def _find_start(cfg: Config) -> Start:
+    """:func:`find_checkpoint` and :func:`config_changes` on rank 0 (it hashes the checkpoint's files once), the
+    verdict broadcast to every rank (world), so that all ranks go on or all raise the same CheckpointError."""
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            damaged: list[Path] = []
+            found = find_checkpoint(cfg, damaged=damaged)
+            start = Start(found, damaged=damaged)
+            if found is not None:
+                meta = json.loads((found / ckpt.STATE).read_text())
+                start.step = int(meta["train_state"]["step"])
+                start.changes = config_changes(cfg, meta, found)
+            verdict[0] = start
+        except ckpt.CheckpointError as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if isinstance(verdict[0], str):
+        raise ckpt.CheckpointError(verdict[0])
+    return verdict[0]
 
 
 def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | None = None,
-          device: torch.device | None = None) -> dict:
+          device: torch.device | None = None, launch: dict | None = None) -> dict:
     """Train for the run's ``derived.steps`` optimizer steps on ``device`` (see :func:`setup`); returns the final
     metrics (on every rank).
 
     With a ``preemption`` flag, a signal on any rank stops all ranks after the same step with a checkpoint
-    (``result["preempted"]``).
+    (``result["preempted"]``). ``launch``: how the job was started, recorded in ``run_info.json``.
     """
     from hyperp_megatron.optim.builder import set_learning_rate
 
-    s = setup(cfg, world_size, rank, device)
+    s = setup(cfg, world_size, rank, device, launch)
     t, steps, ckpt_root = cfg.train, s.derived.steps, Path(cfg.logging.run_dir) / "checkpoints"
     s.logger.message(_summary(s.derived))
     for line in s.ignored_settings + list(filter(None, [vocab_change_line(s.derived)])):
@@ -398,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_megatron_import_warnings()  # importing this module imports no megatron: the filters come first
     from hyperp_megatron.parallel import decide_device, destroy, discover_launch_env, init_process_group
 
-    env = discover_launch_env(os.environ)
+    try:
+        env = discover_launch_env(os.environ)
+    except ValueError as exc:  # which process is rank 0 is unknown: each one says it
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         config_path, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)
@@ -420,13 +463,17 @@ def main(argv: list[str] | None = None) -> int:
         print("[hyperp] device cpu: running megatron-core on the CPU with gloo "
               "(Transformer Engine/apex unused, local layers)", flush=True)
     init_process_group(env, cfg.parallel, device)
+    try:
+        lock = _lock_run_dir(cfg, env.rank)
+    except RunLockError as exc:
+        destroy()
+        return _report_error(env.rank, exc, 2)
     if env.rank == 0:
-        write_run_files(Path(cfg.logging.run_dir), cfg.to_dict(),
-                        run_info({"world_size": env.world_size, "launcher": env.launcher}))
         _clear_preemption_marker(Path(cfg.logging.run_dir))
     preemption = PreemptionFlag().install()
     try:
-        result = train(cfg, env.world_size, env.rank, preemption, device)
+        result = train(cfg, env.world_size, env.rank, preemption, device,
+                       launch={"world_size": env.world_size, "launcher": env.launcher})
         if result["preempted"]:
             if env.rank == 0:  # every rank has passed the checkpoint's last barrier: it is complete
                 _write_preemption_marker(Path(cfg.logging.run_dir), result["step"], preemption)
@@ -435,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"[hyperp] {exc}", flush=True)
         return 0
-    except ConfigError as exc:  # checks that need the tokenizer (known after data preparation)
+    except (ConfigError, ckpt.CheckpointError) as exc:  # checks after data preparation; a failed save
         return _report_error(env.rank, exc, 2)
     except (NonFiniteTrainingError, ckpt.NonFiniteStateError) as exc:
         return _report_error(env.rank, exc, EXIT_NON_FINITE)
@@ -445,7 +492,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"val_loss {result['val_loss']:.4f} (first val_loss {result['first_val_loss']})", flush=True)
     finally:
         destroy()
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def _lock_run_dir(cfg: Config, rank: int) -> RunLock | None:
+    """Rank 0 locks the run directory before anything is written there (``run_lock``); every rank learns the
+    verdict (world broadcast), so a refused job stops on every node. Returns rank 0's lock (None elsewhere)."""
+    lock, verdict = None, [None]
+    if rank == 0:
+        try:
+            lock = RunLock(Path(cfg.logging.run_dir)).acquire()
+        except RunLockError as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise RunLockError(verdict[0])
+    return lock
 
 
 if __name__ == "__main__":

@@ -160,3 +160,45 @@ def test_readme_config_reference_is_current():
 
     readme = open(os.path.join(REPO, "README.md")).read()
     assert markdown() in readme, "README config reference is stale: paste `python -m hyperp_megatron.config_docs`"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- model\n- train\n", "must be a mapping of sections (model:, train:, ...) at the top level, not a list"),
+    ("just a string\n", "at the top level, not a str"),
+    ("train:\n  steps: 10\n  steps: 20\n", "duplicate key 'steps' (line 3, first on line 2): keep one"),
+    ("train:\n  steps: 10\nmodel: {}\ntrain:\n  seed: 3\n", "duplicate key 'train' (line 4, first on line 1)"),
+    ("train: [steps, 3]\n", "config section 'train' must be a mapping"),
+    ("train:\n  steps: 10\n bad indent: 1\n", "is not valid YAML"),
+])
+def test_bad_yaml_is_one_line(tmp_path, text, message):
+    """Issue 21: a top-level list with overrides was 'dictionary update sequence element #0' (a traceback in the
+    trainer); duplicate keys were accepted silently (the last one won)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        load_config(path, ["--train.steps", "5"])
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert str(path) in str(error.value) or "config section" in str(error.value)
+
+
+def test_non_utf8_config_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train:\n  steps: \xff\xfe\n")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_config(path)
+
+
+def test_override_of_a_value_and_its_keys_is_one_line():
+    with pytest.raises(ValueError, match="'train' was given a value earlier"):
+        parse_overrides(["--train", "5", "--train.steps", "3"])
+
+
+def test_entry_point_duplicate_key_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 10\ntrain:\n  steps: 20\n")
+    out = subprocess.run([sys.executable, "-m", "hyperp_megatron.train", "--config", str(path),
+                          "--logging.run_dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: config file {path}: duplicate key 'train' (line 3, first on line 1): keep one"], out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

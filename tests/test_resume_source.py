@@ -50,18 +50,95 @@ def test_requeued_run_prefers_its_own_latest_over_load(tmp_path, start):
     assert find_checkpoint(_cfg(tmp_path, load=str(start.parent))) == newest
 
 
-def test_damaged_own_checkpoint_falls_back_to_load(tmp_path, start):
+@pytest.mark.parametrize("load", [False, True])
+def test_damaged_only_checkpoint_stops_the_run_and_is_left_alone(tmp_path, start, load):
+    """Issue 21: the run's only checkpoint is damaged: one error naming the damage and the way out, nothing
+    touched (it used to restart from step 0, or from checkpoint.load, over its own step_* directories)."""
     own = _fake_checkpoint(tmp_path / "run" / "checkpoints", 6)
     (own / "weights.bin").write_bytes(b"truncated")
+    before = sorted((p.name, p.read_bytes()) for p in own.parent.rglob("*") if p.is_file())
     messages = []
-    assert find_checkpoint(_cfg(tmp_path, load=str(start)), log=messages.append) == start
-    assert any("unusable" in m for m in messages), messages
+    with pytest.raises(ckpt.CheckpointError) as error:
+        find_checkpoint(_cfg(tmp_path, **({"load": str(start)} if load else {})), log=messages.append)
+    message = str(error.value)
+    assert "\n" not in message and f"no intact checkpoint in {own.parent}" in message
+    assert "truncated file weights.bin" in message and "--logging.run_dir NEW_DIR" in message
+    assert messages == [f"[hyperp] checkpoint {own} is unusable (truncated file weights.bin (9 of 18 bytes)); "
+                        "no other checkpoint to try"]
+    assert sorted((p.name, p.read_bytes()) for p in own.parent.rglob("*") if p.is_file()) == before
+
+
+def test_damaged_newest_falls_back_to_an_intact_earlier_one_and_is_set_aside(tmp_path):
+    own = tmp_path / "run" / "checkpoints"
+    earlier = _fake_checkpoint(own, 4)
+    newest = _fake_checkpoint(own, 6)
+    (newest / "weights.bin").write_bytes(b"truncated")
+    damaged = []
+    assert find_checkpoint(_cfg(tmp_path), log=lambda line: None, damaged=damaged) == earlier
+    assert damaged == [newest]
+    aside = ckpt.set_aside(newest, log=lambda line: None)
+    assert aside.name == "step_000006.kept-1" and (aside / "weights.bin").read_bytes() == b"truncated"
+    assert ckpt.complete_checkpoints(own) == [earlier]  # no prune or resume sees it again
 
 
 def test_resume_false_loads_the_named_checkpoint_and_never_its_own(tmp_path, start):
-    _fake_checkpoint(tmp_path / "run" / "checkpoints", 8)
     assert find_checkpoint(_cfg(tmp_path, load=str(start), resume=False)) == start
     assert find_checkpoint(_cfg(tmp_path, resume=False)) is None
+    _fake_checkpoint(tmp_path / "run" / "checkpoints", 8)  # ... and refuses to mix with an earlier run's
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.resume is false but .* already holds checkpoints"):
+        find_checkpoint(_cfg(tmp_path, load=str(start), resume=False))
+
+
+@pytest.mark.parametrize("content", ["empty", "unrelated", "damaged"])
+def test_load_without_an_intact_checkpoint_is_an_error(tmp_path, content):
+    """Issue 21: ``--checkpoint.load DIR`` with no checkpoint in DIR trained from random weights without a word."""
+    load = tmp_path / "elsewhere"
+    load.mkdir()
+    if content == "unrelated":
+        (load / "notes.txt").write_text("not a checkpoint")
+    if content == "damaged":
+        (_fake_checkpoint(load, 3) / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint.load {load}: ") as error:
+        find_checkpoint(_cfg(tmp_path, load=str(load)), log=lambda line: None)
+    assert ("no intact checkpoint" if content == "damaged" else "no checkpoint in it") in str(error.value)
+
+
+def test_load_accepts_a_run_directory(tmp_path, start):
+    assert find_checkpoint(_cfg(tmp_path, load=str(start.parent.parent))) == start
+
+
+def test_load_of_a_damaged_named_checkpoint_is_an_error(tmp_path, start):
+    (start / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match="is damaged \\(truncated file weights.bin"):
+        find_checkpoint(_cfg(tmp_path, load=str(start)))
+
+
+def _meta(**config) -> dict:
+    return {"train_state": {"step": 4}, "config": load_config(None, config).to_dict()}
+
+
+def test_resume_with_another_shape_or_optimizer_names_the_keys(tmp_path):
+    from hyperp_megatron.resume import config_changes
+
+    saved = _meta(model={"hidden_size": 64}, optim={"name": "adamw"})
+    cfg = load_config(None, {"model": {"hidden_size": 128, "num_layers": 2}, "optim": {"name": "sphere_muon"}})
+    with pytest.raises(ckpt.CheckpointError) as error:
+        config_changes(cfg, saved, tmp_path / "step_000004")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "model.num_layers 4 -> 2, model.hidden_size 64 -> 128, optim.name 'adamw' -> 'sphere_muon'" in message
+    # A weights-only checkpoint (an import) starts a fresh optimizer: only the shape counts.
+    cfg = load_config(None, {"model": {"hidden_size": 64}, "optim": {"name": "sphere_muon"}})
+    assert config_changes(cfg, {**saved, "weights_only": True}, tmp_path) == {}
+
+
+def test_resume_with_changed_data_settings_is_reported(tmp_path):
+    from hyperp_megatron.resume import config_changes
+
+    saved = _meta(train={"seed": 1, "global_batch_size": 16, "steps": 10})
+    cfg = load_config(None, {"train": {"seed": 2, "global_batch_size": 32, "steps": 20},
+                             "optim": {"lr": 0.1}})  # steps and lr: legitimate changes, not reported
+    assert config_changes(cfg, saved, tmp_path) == {"train.seed": [1, 2], "train.global_batch_size": [16, 32]}
 
 
 def test_finished_check_reads_the_own_checkpoint_first(tmp_path, start, pg_collection):

@@ -258,7 +258,7 @@ def test_state_dict_round_trip_resumes_bit_exactly():
     run_steps(params, optimizer, 3, 2)
 
     buffer.seek(0)
-    checkpoint = torch.load(buffer)
+    checkpoint = torch.load(buffer, weights_only=True)
     resumed_params, resumed = make_optimizer(checkpoint["params"])
     resumed.load_state_dict(checkpoint["optimizer"])
     run_steps(resumed_params, resumed, 3, 2)

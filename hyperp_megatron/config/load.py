@@ -93,6 +93,8 @@ def parse_overrides(args: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {arg}: '{part}' was given a value earlier, it cannot also have keys")
         node[leaf] = yaml.safe_load(value) if value.strip().startswith("[") else value
         i += 1
     return nested
@@ -109,6 +111,47 @@ def merge_dicts(base: dict, override: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}, first on line "
+                             f"{seen[key] + 1}): keep one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml(path: Path):
+    """A YAML file's data (safe: plain values only), refusing duplicate keys; ValueError (one line) for bad YAML."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:  # (a ValueError)
+        raise ValueError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise ValueError(f"config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _check_sections(data: dict, overrides: dict, section: str = "") -> None:
+    """A section the overrides give keys must be a mapping in the file (the merge would replace it silently)."""
+    for key, value in overrides.items():
+        dotted = f"{section}.{key}" if section else key
+        if isinstance(value, dict) and key in data:
+            if data[key] is not None and not isinstance(data[key], dict):
+                raise ValueError(f"config section '{dotted}' must be a mapping, got {data[key]!r}")
+            _check_sections(data[key] or {}, value, dotted)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Load a YAML config (or the defaults) and apply dotted overrides; raises ValueError on bad input."""
     data: dict = {}
@@ -116,11 +159,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        data = read_yaml(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must be a mapping of sections (model:, train:, ...) at the top "
+                             f"level, not a {type(data).__name__}")
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        _check_sections(data, extra)
         data = merge_dicts(data, extra)
     return _build(Config, data)

@@ -5,7 +5,7 @@ Hugging Face.
            [--dtype fp32|bf16] [--tokenizer DIR] [--max-shard-gb 5] [--overwrite]
     import --hf HF_DIR --output RUN_DIR [--parameterization standard|hyperp|muon] [--seq-length N] [--overwrite]
     verify --checkpoint RUN_DIR_OR_CKPT --hf HF_DIR [--text TEXT] [--batch 2] [--seq-length N]
-           [--attn eager|sdpa] [--json]
+           [--attn eager|sdpa] [--json] [--trust-remote-code]
 
 Runs on CPU in one process (GPUs are hidden). Bad input fails with one line, before any heavy work, and
 leaves nothing half-written.
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--seq-length", type=int, default=None)
     ver.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     ver.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ver.add_argument("--trust-remote-code", action="store_true",
+                     help="run the Python files an HF directory ships (auto_map); without it only this version's "
+                     "own hyperp export may (recognised by its config block and the modeling file's hash)")
     return parser
 
 
@@ -69,7 +72,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.batch < 1:
         raise ValueError("--batch must be >= 1")
     return verify(args.checkpoint, args.hf, text=args.text or DEFAULT_TEXT, batch=args.batch,
-                  seq_length=args.seq_length, attn_implementation=args.attn)
+                  seq_length=args.seq_length, attn_implementation=args.attn, trust_remote_code=args.trust_remote_code)
 
 
 def _report(command: str, result: dict, as_json: bool) -> str:

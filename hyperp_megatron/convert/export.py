@@ -60,6 +60,23 @@ def _block(source: ours.Source, target: Target, exact_reason: str | None, folds)
     }
 
 
+def protected_directory(checkpoint_dir: Path) -> Path:
+    """What an export must never write into or replace: the checkpoint's run directory (``RUN`` of
+    ``RUN/checkpoints/step_*``), else the checkpoint directory itself."""
+    checkpoint_dir = checkpoint_dir.resolve()
+    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
+
+
+def check_output(checkpoint_dir: Path, output: Path) -> None:
+    """ValueError (one line) for an output that is, contains or lies inside the source's run directory: with
+    --overwrite the export would delete the run it reads."""
+    protected, out = protected_directory(checkpoint_dir), Path(output).resolve()
+    if out == protected or protected in out.parents or out in protected.parents:
+        relation = ("is" if out == protected else "lies inside" if protected in out.parents else "contains")
+        raise ValueError(f"--output {output} {relation} the source's run directory {protected}: choose an output "
+                         "outside it (an export never writes into the run it reads)")
+
+
 def export(checkpoint: str | Path, output: str | Path, target: str = "auto", dtype: str = "fp32",
            tokenizer: str | Path | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
            overwrite: bool = False, allow_inexact: bool = False) -> dict:
@@ -68,6 +85,7 @@ def export(checkpoint: str | Path, output: str | Path, target: str = "auto", dty
     the directory appears only when complete. ``allow_inexact`` (testing): accept an inexact target."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    check_output(ours.resolve_checkpoint(checkpoint), Path(output))
     source = ours.describe(checkpoint)
     cfg = source.cfg
     tokenizer_dir = find_tokenizer(source, tokenizer)

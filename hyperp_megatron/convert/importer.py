@@ -33,9 +33,14 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not config_file.is_file():
         raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{config_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object (a model config), not a {type(config).__name__}")
+    return config
 
 
 def _run_config(hf_config: dict, adapter, parameterization: str | None, seq_length: int | None) -> dict:

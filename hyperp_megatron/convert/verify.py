@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -33,8 +34,45 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
             "tokens": int(ref.shape[0])}
 
 
-def load_hf(hf_dir: str | Path, attn_implementation: str = "eager", dtype: torch.dtype | None = None):
-    """``AutoModelForCausalLM`` from a local directory (offline, custom code allowed), eval mode."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def remote_code_allowed(hf_dir: Path, trust_remote_code: bool = False) -> bool:
+    """Whether loading ``hf_dir`` may run the Python files it ships (``auto_map`` in config.json).
+
+    Without ``trust_remote_code`` only our own ``hyperp`` export qualifies: its config.json has the
+    ``hyperp_megatron`` block with target ``hyperp``, ``auto_map`` names only ``modeling_hyperp``, and the
+    directory's Python files are exactly ``modeling_hyperp.py`` with the hash of the file this version ships.
+    Any other code is a ValueError (one line): pass --trust-remote-code if you trust it."""
+    from hyperp_megatron.convert.export import BLOCK
+    from hyperp_megatron.convert.hyperp import MODELING_FILE
+    from hyperp_megatron.convert.importer import read_hf_config
+
+    config = read_hf_config(hf_dir)
+    auto_map = config.get("auto_map")
+    python_files = sorted(p.name for p in hf_dir.glob("*.py"))
+    if not auto_map:
+        return False  # a standard class: transformers runs none of the directory's files
+    if trust_remote_code:
+        return True
+    block = config.get(BLOCK)
+    modules = {str(ref).split("--")[-1].rsplit(".", 1)[0]
+               for refs in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+               for ref in (refs if isinstance(refs, list) else [refs]) if ref}
+    ours_exactly = (isinstance(block, dict) and block.get("target") == "hyperp"
+                    and modules == {MODELING_FILE.stem} and python_files == [MODELING_FILE.name]
+                    and _sha256(hf_dir / MODELING_FILE.name) == _sha256(MODELING_FILE))
+    if not ours_exactly:
+        raise ValueError(f"{hf_dir}/config.json asks to run Python code ({', '.join(python_files) or 'auto_map'}) "
+                         f"that is not this version's hyperp export: pass --trust-remote-code only if you trust it")
+    return True
+
+
+def load_hf(hf_dir: str | Path, attn_implementation: str = "eager", dtype: torch.dtype | None = None,
+            trust_remote_code: bool = False):
+    """``AutoModelForCausalLM`` from a local directory (offline), eval mode. Code shipped in the directory runs
+    only for our own hyperp export or with ``trust_remote_code`` (:func:`remote_code_allowed`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -42,7 +80,8 @@ def load_hf(hf_dir: str | Path, attn_implementation: str = "eager", dtype: torch
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, local_files_only=True,
+    allowed = remote_code_allowed(hf_dir, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=allowed, local_files_only=True,
                                                  attn_implementation=attn_implementation, dtype=dtype or "auto")
     return model.eval()
 
@@ -65,11 +104,13 @@ def sample_tokens(hf_dir: Path, vocab_size: int, text: str | None, batch: int, s
 
 @torch.no_grad()
 def verify(checkpoint: str | Path, hf_dir: str | Path, text: str | None = DEFAULT_TEXT, batch: int = 2,
-           seq_length: int | None = None, attn_implementation: str = "eager") -> dict:
+           seq_length: int | None = None, attn_implementation: str = "eager", trust_remote_code: bool = False) -> dict:
     """Logits parity of our checkpoint (fp32, one process) and the HF directory (its saved dtype)."""
-    source = ours.describe(checkpoint)
     hf_dir = Path(hf_dir)
-    hf_model = load_hf(hf_dir, attn_implementation)
+    if (hf_dir / "config.json").is_file():
+        remote_code_allowed(hf_dir, trust_remote_code)  # refuses foreign code before any heavy work
+    source = ours.describe(checkpoint)
+    hf_model = load_hf(hf_dir, attn_implementation, trust_remote_code=trust_remote_code)
     if hf_model.config.vocab_size != source.vocab_size:
         raise ValueError(f"vocab mismatch: {hf_dir} has vocab_size {hf_model.config.vocab_size}, the checkpoint "
                          f"{source.vocab_size}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -16,7 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
 from hyperp_megatron.data.tokenizer import TextTokenizer
 
@@ -35,6 +36,32 @@ def _check_prefix(prefix: str) -> None:
     missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not os.path.isfile(f"{prefix}{suffix}")]
     if missing:
         raise ValueError(f"dataset prefix {prefix!r} is incomplete, missing {missing}: run tools/preprocess_data.py")
+
+
+def check_data_files(prefix: str) -> int:
+    """The number of documents of ``prefix``, after checking that its ``.idx`` reads and that its ``.bin`` has
+    exactly the bytes the index points to (a ``.bin`` from another preprocessing run, or a truncated copy, would
+    otherwise be read as garbage or fail deep in the data loader); ValueError (one line)."""
+    _check_prefix(prefix)
+    with open(f"{prefix}.idx", "rb") as stream:
+        header = stream.read(len(_INDEX_HEADER))
+    if header != _INDEX_HEADER:  # (checked here: a half-built IndexedDataset complains again in __del__)
+        raise ValueError(f"{prefix}.idx is not a readable index (bad header, not a Megatron .idx file): "
+                         "preprocess the data again")
+    try:
+        dataset = IndexedDataset(prefix)
+    except (AssertionError, ValueError, struct.error, IndexError, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{prefix}.idx is not a readable index ({detail}): preprocess the data again") from None
+    index = dataset.index
+    lengths, pointers = index.sequence_lengths, index.sequence_pointers
+    expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size if len(lengths) else 0
+    actual = os.path.getsize(f"{prefix}.bin")
+    if actual != expected:
+        raise ValueError(f"{prefix}.bin has {actual} bytes but {prefix}.idx describes {expected} "
+                         f"({len(lengths)} sequences of {index.dtype.__name__}): the two files come from different "
+                         "preprocessing runs or one is truncated; preprocess the data again")
+    return int(index.document_count) - 1 if index.document_count else 0
 
 
 def check_split_documents(prefix: str, split: str) -> list[int]:
