@@ -343,6 +343,104 @@ def save(root: Path, state: TrainState, model_chunks: list, optimizer, extra: di
     return final
 
 
+def _prepare_tmp(root: Path, state: TrainState, model_chunks: list) -> tuple[Path, Path, torch.device]:
+    """The checks and the fresh ``.tmp`` directory every save starts with (collective)."""
+    device = _model_device(model_chunks)
+    _check_finite_weights(model_chunks, state.step, device)
+    _start_writer_helpers()
+    final, tmp = root / f"step_{state.step:06d}", root / f"step_{state.step:06d}.tmp"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    return final, tmp, device
+
+
+class AsyncSaver:
+    """Asynchronous checkpoint saves (``checkpoint.async_save``) through Megatron's ``dist_checkpointing`` async
+    save and ``AsyncCallsQueue``: :meth:`save` writes the small files (RNG streams) and hands the tensors to a
+    background writer process per rank (forked: on the CPU the fork's copy-on-write memory is the snapshot, on a
+    GPU Megatron copies the tensors to host memory first), and the step loop goes on. When every rank's writer
+    has finished, the finalize callback publishes the checkpoint exactly as :func:`save` does: the train state
+    file, the manifest, the rename of ``.tmp`` and ``latest``, the pruning. Until then ``latest`` names the
+    previous complete checkpoint, so a kill at any moment leaves a resumable run. One save is in flight at a
+    time (a new one waits for the previous); :meth:`poll` (every step, on every rank: collective) publishes a
+    finished save, :meth:`wait` blocks until it is published (preemption, end of training)."""
+
+    def __init__(self, log=print):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.log = log
+        self.pending: tuple | None = None
+        """(root, tmp, step, device) of the save in flight."""
+
+    def save(self, root: Path, state: TrainState, model_chunks: list, optimizer, extra: dict, keep: int = 2, *,
+             rng_key: dict | None = None) -> Path:
+        """Start saving ``state.step`` (collective); returns the directory it will have once published."""
+        from megatron.core import dist_checkpointing
+
+        self.wait()
+        final, tmp, device = _prepare_tmp(root, state, model_chunks)
+        rank, saved_state = dist.get_rank(), dict(vars(state))
+        request = None
+
+        def write():
+            nonlocal request
+            request = dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp),
+                                              async_sharded_save=True)
+            save_rng(tmp, rank, rng_key or _default_rng_key(device), device)
+
+        _raise_if_any_failed(_attempt(write), root, tmp, state.step, device)
+
+        def publish():  # after every rank's writer finished (Megatron's finalize: all ranks, in order)
+            if rank == 0:
+                _write_json_atomic(tmp / STATE, {"train_state": saved_state, "world_size": dist.get_world_size(),
+                                                 **extra})
+                _write_manifest(tmp)
+                if final.exists():
+                    set_aside(final, self.log, "it existed when this step was saved again")
+                os.replace(tmp, final)
+                _write_json_atomic_text(root / LATEST, final.name)
+                _prune(root, keep)
+            dist.barrier()
+
+        request.add_finalize_fn(publish)
+        self.queue.schedule_async_request(request)
+        self.pending = (root, tmp, state.step, device)
+        return final
+
+    def poll(self) -> None:
+        """Publish the save in flight if every rank's writer has finished (collective; cheap when none is)."""
+        self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is published (collective)."""
+        self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        if self.pending is None:
+            return
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        root, tmp, step, device = self.pending
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (OSError, RuntimeError, CheckpointException) as exc:  # raised on every rank by Megatron
+            self.pending = None
+            _raise_if_any_failed(exc, root, tmp, step, device)
+            raise
+        if done:
+            self.pending = None
+
+    def close(self) -> None:
+        """Wait for the save in flight, then stop the queue."""
+        self.wait()
+        self.queue.close()
+
+
 def _attempt(write) -> BaseException | None:
     """Run ``write``; the exception it raised (a full disk, an I/O error), or None."""
     from torch.distributed.checkpoint.api import CheckpointException

@@ -330,7 +330,10 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
     monitor = StabilityMonitor(cfg.monitor, cfg.model, s.model_chunks, s.optimizer, s.pg_collection)
     skips = SkipCounter(cfg.monitor.max_consecutive_skips)
     profiler = StepProfiler(t.profile_steps, Path(cfg.logging.run_dir), rank, s.device)
+    saver = ckpt.AsyncSaver(s.logger.message) if cfg.checkpoint.async_save else None
     while state.step < steps:
+        if saver is not None:
+            saver.poll()  # publishes a background save once every rank's writer has finished (collective)
         lr = s.derived.lr_at(state.step)
         set_learning_rate(s.optimizer, lr)
         started = time.perf_counter()
@@ -360,6 +363,8 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
                              f"every rank ({skips.consecutive} in a row, {state.skipped_steps} in total)")
         if stop:
             profiler.close()
+            if saver is not None:
+                saver.close()
             s.logger.close()
             raise skips.error(state.step)
         if state.step % t.log_interval == 0 or is_last:
@@ -367,13 +372,21 @@ def train(cfg: Config, world_size: int, rank: int, preemption: PreemptionFlag | 
                                                  if k != "update_successful" and not k.startswith(MONITOR_PREFIX)})
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or preempted or (
                 is_last and cfg.checkpoint.save_final):
-            ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep,
-                      rng_key=_rng_key(s))
+            if saver is not None and not preempted:
+                saver.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep,
+                           rng_key=_rng_key(s))
+            else:  # a preemption checkpoint is written before the process stops (after any save in flight)
+                if saver is not None:
+                    saver.wait()
+                ckpt.save(ckpt_root, state, s.model_chunks, s.optimizer, _checkpoint_extra(s), cfg.checkpoint.keep,
+                          rng_key=_rng_key(s))
         if preempted and not is_last:
             s.logger.message(f"[hyperp] preemption signal: stopped after step {state.step}, checkpoint saved")
             result["preempted"] = True
             break
     profiler.close()  # a run that ended inside the profiled steps
+    if saver is not None:
+        saver.close()  # the end of training waits for the save in flight to be published
     result["skipped_steps"] = state.skipped_steps
     if result["preempted"]:
         s.logger.close()

@@ -395,6 +395,11 @@ class CheckpointConfig:
     (a requeue or restart), it continues from its own latest (with checkpoint.resume)."""
     keep: int = 2
     """Complete checkpoints to keep (older ones are deleted; 0 keeps all)."""
+    async_save: bool = False
+    """Write checkpoints in the background (Megatron's dist_checkpointing async save): training goes on while
+    a writer process per rank writes the tensors; the checkpoint is published (manifest, rename, ``latest``)
+    only when every rank's writer has finished, and preemption and the end of training wait for it
+    (docs/performance.md)."""
 
 
 @dataclass
