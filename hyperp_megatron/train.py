@@ -218,9 +218,14 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
     """Checks that need the prepared data, run on every rank before any model is built: ConfigError for a
     bad value, RunFinished when resuming would leave no step to train (``derived.steps``)."""
     from hyperp_megatron.data.datasets import check_split_documents
+    from hyperp_megatron.data.metadata import check_tokenizer_matches
 
     check_vocab_size(cfg, tokenizer.vocab_size)
     for prefix in prefixes:
+        try:
+            check_tokenizer_matches(prefix, tokenizer)  # hyperp-preprocess's sidecar, when there is one
+        except ValueError as exc:
+            raise ConfigError(f"data.tokenizer: {exc}") from None
         try:
             check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:

@@ -59,19 +59,32 @@ def split_into_documents(text: str, chars_per_document: int = DEFAULT_CHARS_PER_
     return documents
 
 
+def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, first_line: int = 1,
+              within: str = "file") -> ValueError:
+    """One line naming the file, line and byte of the first byte of ``data`` that is not UTF-8."""
+    line = first_line + data.count(b"\n", 0, error.start)
+    return ValueError(f"{path}:{line}: not valid UTF-8 (byte {data[error.start]:#04x} at offset {error.start} of the "
+                      f"{within}); convert the file to UTF-8 or drop the line "
+                      "(hyperp-preprocess skips and counts such lines)")
+
+
 def _read_text(path: Path) -> str:
     """The file's text with line endings untouched (CRLF stays CRLF), so decoding gives its bytes back."""
+    data = path.read_bytes()
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            return handle.read()
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not valid UTF-8 ({error}); convert it to UTF-8 first") from error
+        raise _not_utf8(path, data, error) from None
 
 
 def iter_jsonl_documents(path: Path, json_key: str = "text") -> Iterator[str]:
     """Yield ``record[json_key]`` of every non-empty line of a JSON-lines file."""
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, raw, error, line_number, "line") from None
             if not line.strip():
                 continue
             try:

@@ -62,8 +62,8 @@ class PreprocessConfig:
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
-        if self.shard_bytes < 1 << 16:
-            raise ValueError(f"--shard-mib is too small ({self.shard_bytes} bytes): give at least 0.0625")
+        if self.shard_bytes < 4096:
+            raise ValueError(f"--shard-mib is too small ({self.shard_bytes} bytes): give at least 0.004 (4 KiB)")
         if self.max_record_bytes < 1024:
             raise ValueError(f"--max-record-mib is too small ({self.max_record_bytes} bytes)")
         if not (self.append_eos or self.prepend_bos):
@@ -172,7 +172,7 @@ class _ShardTokenizer:
 def _resolve_line(shard: Shard, line: int) -> str:
     """``file:line`` of a record of ``shard`` (a later byte range counts the lines before it: error path only)."""
     if shard.kind in ("jsonl", "text") and shard.start > 0:
-        line += count_lines_before(shard.path, shard.start)
+        line += count_lines_before(shard.path, shard.start - 1) + 1  # + the line holding byte start-1
     return shard.where(line)
 
 
