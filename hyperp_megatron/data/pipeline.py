@@ -320,8 +320,45 @@ def _up_to_date(output: Path, identity: dict) -> dict | None:
     return data
 
 
+def _open_shard_dir(shard_dir: Path, identity: dict) -> None:
+    """Create (or take back) ``<prefix>.shards/``: refuse a directory that is not ours, drop partial files."""
+    if shard_dir.exists() and not (shard_dir / "plan.json").is_file() and any(shard_dir.iterdir()):
+        raise ValueError(f"{shard_dir} exists and was not written by hyperp-preprocess: move it away")
+    shard_dir.mkdir(exist_ok=True)
+    metadata.write_json_atomic(shard_dir / "plan.json", identity)
+    for stale in shard_dir.glob("*.tmp-*"):  # an interrupted run's partial files
+        stale.unlink()
+
+
+def _remove_shard_dir(shard_dir: Path) -> None:
+    """Remove the shards (this plan's and an earlier plan's: the directory is ours), then the directory."""
+    for path in shard_dir.iterdir():
+        if path.name == "plan.json" or (path.name[:5].isdigit() and path.suffix in (".bin", ".idx", ".json")):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        shard_dir.rmdir()
+
+
+def _merge(plan: list[Shard], records: dict, prefixes: dict, output: Path, sidecar: dict) -> dict:
+    """Shards -> ``output`` (``.bin``, ``.idx``, then the sidecar, each renamed into place); the sidecar."""
+    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    info, bin_sha256 = indexed.merge_indexed([prefixes[shard.index] for shard in plan], temporary)
+    metadata.metadata_path(output).unlink(missing_ok=True)  # (--overwrite) never a sidecar of other files
+    indexed.replace_prefix(temporary, output)
+    skipped = Counter()
+    for record in records.values():
+        skipped.update(record["result"]["skipped"])
+    sidecar = {**sidecar, "dtype": info.dtype.name, "documents": info.num_documents, "tokens": info.num_tokens,
+               "skipped": dict(sorted(skipped.items())), "input_bytes": sum(shard.size_bytes for shard in plan),
+               "inputs": sorted({shard.path for shard in plan}), "bin_sha256": bin_sha256,
+               "idx_sha256": indexed.sha256_file(f"{output}.idx")}
+    metadata.write_json_atomic(metadata.metadata_path(output), sidecar)
+    return sidecar
+
+
 def run_preprocess(config: PreprocessConfig, progress_stream=None, progress_interval: float = 1.0) -> Summary:
-    """Tokenize ``config.inputs`` into ``<output_prefix>.bin/.idx`` + ``.meta.json`` (see the module doc)."""
+    """Tokenize ``config.inputs`` into ``<output_prefix>.bin/.idx`` + ``.meta.json`` (see the module doc).
+    ``progress_stream``: where the progress line goes (None: nowhere)."""
     start = time.monotonic()
     tokenizer = load_tokenizer(config.tokenizer)  # bad tokenizer / inputs: one line, before any work
     if config.prepend_bos and tokenizer.bos is None:
@@ -343,48 +380,24 @@ def run_preprocess(config: PreprocessConfig, progress_stream=None, progress_inte
         if present and not config.overwrite:
             raise ValueError(f"{present[0]} exists (from other inputs or settings): pass --overwrite to replace it "
                              "or choose another --output-prefix")
-        if shard_dir.exists() and not (shard_dir / "plan.json").is_file() and any(shard_dir.iterdir()):
-            raise ValueError(f"{shard_dir} exists and was not written by hyperp-preprocess: move it away")
-        shard_dir.mkdir(exist_ok=True)
-        metadata.write_json_atomic(shard_dir / "plan.json", identity)
-        for stale in shard_dir.glob("*.tmp-*"):  # an interrupted run's partial files
-            stale.unlink()
+        _open_shard_dir(shard_dir, identity)
         prefixes = {shard.index: str(shard_dir / f"{shard.index:05d}") for shard in plan}
         records = {}
         for shard in plan:
             record = _finished_shard(shard, config, tokenizer, prefixes[shard.index])
             if record is not None:
                 records[shard.index] = record
-        pending = [shard for shard in plan if shard.index not in records]
-        total_bytes = sum(shard.size_bytes for shard in plan)
-        done_bytes = sum(shard.size_bytes for shard in plan if shard.index in records)
-        progress = Progress(progress_stream, total_bytes, done_bytes, progress_interval)
         reused = len(records)
-        records.update(_run_shards(pending, config, prefixes, progress))
+        progress = Progress(progress_stream, sum(shard.size_bytes for shard in plan),
+                            sum(shard.size_bytes for shard in plan if shard.index in records), progress_interval)
+        records.update(_run_shards([shard for shard in plan if shard.index not in records], config, prefixes,
+                                   progress))
         progress.close()
-
-        temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-        info, bin_sha256 = indexed.merge_indexed([prefixes[shard.index] for shard in plan], temporary)
-        indexed.replace_prefix(temporary, output)
-        skipped = Counter()
-        for record in records.values():
-            skipped.update(record["result"]["skipped"])
-        summary = Summary(str(output), info.num_documents, info.num_tokens, dict(sorted(skipped.items())),
-                          _examples(plan, records), len(plan), reused, total_bytes, 0.0)
-        metadata.write_json_atomic(metadata.metadata_path(output), {
-            "format": metadata.FORMAT, "identity": identity, "tokenizer": {**tokenizer.identity(),
-                                                                           "path": str(config.tokenizer)},
-            "policy": {"append_eos": config.append_eos, "prepend_bos": config.prepend_bos},
-            "dtype": info.dtype.name, "documents": info.num_documents, "tokens": info.num_tokens,
-            "skipped": summary.skipped, "input_bytes": total_bytes, "inputs": sorted({s.path for s in plan}),
-            "bin_sha256": bin_sha256, "idx_sha256": indexed.sha256_file(f"{output}.idx"),
-        })
+        sidecar = _merge(plan, records, prefixes, output, {
+            "format": metadata.FORMAT, "identity": identity,
+            "tokenizer": {**tokenizer.identity(), "path": str(config.tokenizer)},
+            "policy": {"append_eos": config.append_eos, "prepend_bos": config.prepend_bos}})
         if not config.keep_shards:
-            for prefix in prefixes.values():
-                for suffix in (".bin", ".idx", ".json"):
-                    Path(f"{prefix}{suffix}").unlink(missing_ok=True)
-            (shard_dir / "plan.json").unlink()
-            with contextlib.suppress(OSError):
-                shard_dir.rmdir()
-    summary.seconds = time.monotonic() - start
-    return summary
+            _remove_shard_dir(shard_dir)
+    return Summary(str(output), sidecar["documents"], sidecar["tokens"], sidecar["skipped"], _examples(plan, records),
+                   len(plan), reused, sidecar["input_bytes"], time.monotonic() - start)
