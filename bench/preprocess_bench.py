@@ -2,17 +2,21 @@
 
 Usage (from the repository root)::
 
-    python bench/preprocess_bench.py                          # 128 MB corpus, workers 1 2 4, + the old path
+    python bench/preprocess_bench.py                          # 100 MB corpus, workers 1 2 4, + the old path
     python bench/preprocess_bench.py --mb 300 --workers 1 2 4 8 16 --no-legacy
 
 A corpus of ``--mb`` MB of JSON lines is generated (documents of 200-8000 characters drawn from Shakespeare's
 lines, seeded) and tokenized with the embedded corpus's BPE (8192 tokens, ``data/shakespeare-bpe8192``, built
 if missing) by ``hyperp-preprocess`` as a subprocess per setting, one after the other:
 
-- ``workers=1``: one process; the Rust tokenizer's own thread pool is on (as a user gets it);
-- ``workers=1, TOKENIZERS_PARALLELISM=false``: one process, one thread: the unit the workers scale;
+- ``workers=1``: one process, one tokenizer thread (the command's default): the unit the workers scale;
+- ``workers=1, TOKENIZERS_PARALLELISM=true``: one process with the Rust tokenizer's own thread pool;
 - ``workers=N``: N spawned worker processes (one tokenizer thread each) plus the merge;
-- ``legacy``: the previous single-process ``preprocess.preprocess_to_indexed_dataset`` (unless ``--no-legacy``).
+- ``legacy``: the previous single-process ``preprocess.preprocess_to_indexed_dataset`` (Rust thread pool on;
+  unless ``--no-legacy``).
+
+``--repeats R`` runs all settings R times, interleaved (round after round, so a change of the machine's load
+hits every setting), and reports the median time of each.
 
 Every output's ``.bin`` sha256 must agree (the parallel output is byte-identical). The machine's load during the
 runs is recorded: on the shared 2-core development machine, speedups above ~2 cannot show.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,7 +90,8 @@ def run_legacy(corpus: Path, tokenizer: Path, prefix: Path, env: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=128, help="generated corpus size in MB")
+    parser.add_argument("--mb", type=float, default=100, help="generated corpus size in MB")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all settings (median reported)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--shard-mib", type=float, default=8, help="input MiB per shard")
     parser.add_argument("--no-legacy", action="store_true", help="skip the previous single-process path")
@@ -99,27 +105,37 @@ def main() -> None:
         scratch = Path(scratch)
         corpus = scratch / "corpus.jsonl"
         input_bytes = generate_corpus(corpus, args.mb)
-        runs = []
-        settings = [("workers=1", 1, {}), ("workers=1, TOKENIZERS_PARALLELISM=false", 1,
-                                            {"TOKENIZERS_PARALLELISM": "false"})]
+        settings = [("workers=1", 1, {}), ("workers=1, TOKENIZERS_PARALLELISM=true", 1,
+                                            {"TOKENIZERS_PARALLELISM": "true"})]
         settings += [(f"workers={n}", n, {}) for n in args.workers if n > 1]
+        if not args.no_legacy:
+            settings.append(("legacy preprocess_to_indexed_dataset (one process)", 0, {}))
+        times: dict[str, list] = {name: [] for name, _, _ in settings}
+        runs: dict[str, dict] = {}
         with LoadSampler() as load:
-            for index, (name, workers, extra_env) in enumerate(settings):
-                result = run_cli(corpus, tokenizer, scratch / f"out{index}", workers, {**base_env, **extra_env},
-                                 args.shard_mib)
-                runs.append({"setting": name, "workers": workers, **result})
-                print(json.dumps(runs[-1]), flush=True)
-            if not args.no_legacy:
-                runs.append({"setting": "legacy preprocess_to_indexed_dataset (one process)", "workers": 1,
-                             **run_legacy(corpus, tokenizer, scratch / "legacy", base_env)})
-                print(json.dumps(runs[-1]), flush=True)
-    baseline = runs[1]["seconds"]
+            for round_index in range(args.repeats):
+                for index, (name, workers, extra_env) in enumerate(settings):
+                    prefix = scratch / f"out{index}"
+                    for suffix in (".bin", ".idx", ".meta.json"):
+                        Path(f"{prefix}{suffix}").unlink(missing_ok=True)
+                    env = {**base_env, "TOKENIZERS_PARALLELISM": "false", **extra_env}
+                    if workers == 0:
+                        result = run_legacy(corpus, tokenizer, prefix, {**base_env, **extra_env})
+                    else:
+                        result = run_cli(corpus, tokenizer, prefix, workers, env, args.shard_mib)
+                    times[name].append(result.pop("seconds"))
+                    runs[name] = {"setting": name, "workers": max(1, workers), **result}
+                    print(json.dumps({"round": round_index, **runs[name], "seconds": times[name][-1]}), flush=True)
+    runs = [{**runs[name], "seconds": statistics.median(times[name]), "seconds_all": times[name]}
+            for name, _, _ in settings]
+    baseline = runs[0]["seconds"]
     for run in runs:
         run["tokens_per_s"] = round(run["tokens"] / run["seconds"])
         run["input_mb_per_s"] = round(input_bytes / 1e6 / run["seconds"], 3)
-        run["speedup_vs_one_thread"] = round(baseline / run["seconds"], 2)
+        run["speedup_vs_workers_1"] = round(baseline / run["seconds"], 2)
     identical = len({run["bin_sha256"] for run in runs}) == 1
     result = {**provenance("python bench/preprocess_bench.py " + " ".join(sys.argv[1:])),
+              "repeats": args.repeats,
               "corpus": {"input_bytes": input_bytes, "format": "jsonl, one file", "shard_mib": args.shard_mib,
                          "tokenizer": "embedded Shakespeare byte-level BPE, 8192 tokens"},
               "cpus_available": len(os.sched_getaffinity(0)), "outputs_identical": identical, "runs": runs,

@@ -17,7 +17,7 @@ DEFAULT_CHARS_PER_DOCUMENT = 2000
 DEFAULT_INPUT_PATTERNS = ("*.txt", "*.jsonl")
 
 # A blank line (possibly holding spaces) plus all whitespace after it: the paragraph boundary.
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
 def collect_input_files(paths: Sequence[str | Path], patterns: Sequence[str] = DEFAULT_INPUT_PATTERNS) -> list[Path]:
@@ -50,7 +50,7 @@ def split_into_documents(text: str, chars_per_document: int = DEFAULT_CHARS_PER_
     if chars_per_document <= 0:
         return [text]
     documents, start = [], 0
-    for match in _PARAGRAPH_BREAK.finditer(text):
+    for match in PARAGRAPH_BREAK.finditer(text):
         long_enough = match.end() - start >= chars_per_document and text[start : match.start()].strip()
         if long_enough and match.end() < len(text):
             documents.append(text[start : match.end()])

@@ -3,8 +3,9 @@
 row groups and rows of a saved Hugging Face dataset.
 
 A record is ``Record(text, reason, line)``: ``text`` for a document, else ``reason`` says why it was skipped
-(one of ``SKIP_REASONS``); line-based readers end with ``Record(None, None, lines read)``. ``line`` counts from 1 within the shard's byte range (JSON lines, text) or is the row
-number in the file (Parquet, Hugging Face); ``shards.py`` turns it into a line of the file.
+(one of ``SKIP_REASONS``); line-based readers end with ``Record(None, None, lines read)``. ``line`` counts from 1
+within the shard's byte range (JSON lines, text; ``pipeline.py`` turns it into a line of the file) or is the
+row number in the file (Parquet, Hugging Face).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from hyperp_megatron.data.documents import _PARAGRAPH_BREAK
+from hyperp_megatron.data.documents import PARAGRAPH_BREAK
 
 SKIP_REASONS = ("invalid_utf8", "invalid_json", "missing_key", "not_a_string", "empty", "too_long", "corrupt_file")
 _READ_BYTES = 1 << 20
@@ -136,7 +137,7 @@ class ParagraphSplitter:
         if self.chars_per_document > 0:
             # A match is final when it starts before the trailing whitespace run: it cannot grow any more.
             start = 0
-            for match in _PARAGRAPH_BREAK.finditer(self._buffer, self._scan, self._limit):
+            for match in PARAGRAPH_BREAK.finditer(self._buffer, self._scan, self._limit):
                 if match.end() - start >= self.chars_per_document and self._buffer[start:match.start()].strip():
                     documents.append(self._buffer[start:match.end()])
                     start = match.end()
