@@ -9,8 +9,9 @@ A corpus of ``--mb`` MB of JSON lines is generated (documents of 200-8000 charac
 lines, seeded) and tokenized with the embedded corpus's BPE (8192 tokens, ``data/shakespeare-bpe8192``, built
 if missing) by ``hyperp-preprocess`` as a subprocess per setting, one after the other:
 
-- ``workers=1``: one process, one tokenizer thread (the command's default): the unit the workers scale;
-- ``workers=1, TOKENIZERS_PARALLELISM=true``: one process with the Rust tokenizer's own thread pool;
+- ``workers=1``: one process, one tokenizer thread (``TOKENIZERS_PARALLELISM=false``): the unit the workers scale;
+- ``workers=1, TOKENIZERS_PARALLELISM=true``: one process with the Rust tokenizer's own thread pool (what
+  ``--workers 1`` does by default; the spawned workers of ``--workers N`` always run one thread each);
 - ``workers=N``: N spawned worker processes (one tokenizer thread each) plus the merge;
 - ``legacy``: the previous single-process ``preprocess.preprocess_to_indexed_dataset`` (Rust thread pool on;
   unless ``--no-legacy``).

@@ -56,9 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # One tokenizer thread per process: --workers decides the cores used (the Rust pool of a single process
-    # measured 2.5x slower than one thread on the loaded 2-core machine, bench/results/preprocess.json).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from hyperp_megatron.data.pipeline import PreprocessConfig, run_preprocess
 
     try:
