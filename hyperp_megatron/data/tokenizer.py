@@ -88,16 +88,28 @@ class TextTokenizer:
             raise ValueError(f"{self.path} has no tokenizer.json: is it a Hugging Face *fast* tokenizer directory?")
         self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         self._sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
-        eod_token = _configured_eos_token(self.path) or EOD_TOKEN
+        eod_token = _configured_token(self.path, "eos_token") or EOD_TOKEN
         eod = self._tokenizer.token_to_id(eod_token)
         if eod is None:
             raise ValueError(f"tokenizer {self.path} has no end-of-document token {eod_token!r}")
         self.eod = eod
+        bos_token = _configured_token(self.path, "bos_token")
+        self.bos: int | None = None if bos_token is None else self._tokenizer.token_to_id(bos_token)
+        """Beginning-of-sequence id (``bos_token`` of tokenizer_config.json), None when there is none."""
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids (special tokens included); the model pads its vocab on top."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def tokenizer_json_sha256(self) -> str:
+        return self._sha256
+
+    def identity(self) -> dict:
+        """What a preprocessed dataset records of its tokenizer (``metadata.py``): content, not path."""
+        return {"vocab_size": self.vocab_size, "tokenizer_json_sha256": self._sha256, "eod": self.eod,
+                "bos": self.bos}
 
     @property
     def unique_identifiers(self) -> OrderedDict:
@@ -117,13 +129,13 @@ class TextTokenizer:
         return self._tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
 
 
-def _configured_eos_token(tokenizer_dir: Path) -> str | None:
-    """The ``eos_token`` of ``tokenizer_config.json`` (a string or an AddedToken dict), if any."""
+def _configured_token(tokenizer_dir: Path, name: str) -> str | None:
+    """``name`` (``eos_token``, ``bos_token``) of ``tokenizer_config.json`` (a string or an AddedToken dict)."""
     config_file = tokenizer_dir / "tokenizer_config.json"
     if not config_file.is_file():
         return None
-    eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
-    return eos.get("content") if isinstance(eos, dict) else eos
+    token = json.loads(config_file.read_text(encoding="utf-8")).get(name)
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> TextTokenizer:
