@@ -26,7 +26,8 @@ from hyperp_megatron.budget import ModelShape, attention_keeps_scores
 from hyperp_megatron.derived import derive, resolve_vocab_size
 
 COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
-           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "tp", "pp", "dp", "ep")
+           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "tp", "pp", "dp", "ep", "phantoms")
+"""``phantoms``: phantom experts per MoE layer that pad the routed experts to a multiple of ``ep`` (docs/moe.md)."""
 FORMATS = ("table", "json", "csv")
 
 
@@ -76,6 +77,7 @@ def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = 
             ffn=s.ffn, params=run.num_params, params_total=run.num_params_total, tokens=run.tokens,
             steps=run.steps, batch_tokens=run.batch_tokens, lr=run.lr, min_lr=run.min_lr,
             train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep,
+            phantoms=run.phantom_experts,
         ))
     return rows
 
@@ -140,8 +142,19 @@ def main(argv: list[str] | None = None) -> int:
               f"(eta0 {h.base_lr:g}, d0 {h.base_depth}, B0 {h.base_batch_tokens:g}, T0 {h.base_tokens:g}); "
               f"memory GiB/GPU, precision {cfg.train.precision}, attention {cfg.model.attention_backend}"
               f"{' (keeps s x s scores)' if attention_keeps_scores(cfg.model.attention_backend) else ''}")
+        if rows and rows[0]["phantoms"]:
+            print(padding_note(cfg, rows[0]["ep"]))
     print(render(rows, args.format))
     return 0
+
+
+def padding_note(cfg: Config, ep: int) -> str:
+    """One comment line describing the phantom-expert padding of an MoE config at expert-parallel size ``ep``."""
+    moe = cfg.model.moe
+    padded, phantoms = moe.padded_experts(ep), moe.phantom_experts(ep)
+    return (f"# MoE at EP {ep}: {moe.num_routed_experts} routed experts padded to {padded} with {phantoms} phantom "
+            f"expert(s) per layer on the last EP rank(s) (zero weights, never routed, not trained, not checkpointed; "
+            f"docs/moe.md); every EP rank holds {padded // ep} experts and mem_gib counts them")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,8 @@ class ParallelConfig:
     pipeline: int = 1
     """Pipeline-parallel size (PP)."""
     expert: int = 1
-    """Expert-parallel size (EP), carved out of the data-parallel ranks."""
+    """Expert-parallel size (EP), carved out of the data-parallel ranks. It need not divide the routed experts:
+    they are padded with phantom experts (never routed, not trained or checkpointed; docs/moe.md)."""
     expert_tensor: int | None = None
     """Expert tensor-parallel size; default = tensor."""
     sequence_parallel: bool = False

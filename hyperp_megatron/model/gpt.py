@@ -113,8 +113,8 @@ def build_model(cfg: Config, pg_collection, vocab_size: int, device: torch.devic
     device = _device_or_default(device)
     use_te = check_device_support(cfg, device)
     tf_config = transformer_config(cfg, pg_collection, use_te, device)
-    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection,
-                            experts=experts_impl(cfg.model.moe, device, cfg.model.moe.phantom_experts(cfg.parallel.expert)))
+    experts = experts_impl(cfg.model.moe, device, cfg.model.moe.phantom_experts(cfg.parallel.expert))
+    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection, experts=experts)
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(
