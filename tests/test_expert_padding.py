@@ -141,6 +141,11 @@ def test_padded_layer_is_the_unpadded_layer(pg_collection, grouped_gemm):
     assert not any(is_phantom(p) for p in plain.parameters())
     params = dict(padded.named_parameters())
     assert all(not params[name].requires_grad and not params[name].any() for name in phantom)
+    # Not in the optimizer: a zero matrix's sphere has R = 0 and its retraction would be 0 / 0.
+    from hyperp_megatron.optim.param_groups import assign_parameters
+
+    assigned = {a.name for a in assign_parameters([padded], "sphere_muon", pg_collection)}
+    assert assigned == set(params) - phantom
     routing = []
     padded.router.register_forward_hook(lambda module, args, output: routing.append(output[1]))
     x = torch.randn(256, 1, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
