@@ -289,9 +289,9 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     data-parallel size (experts: the expert-data-parallel size). Parameters: layers/PP of the
     per-layer counts (:func:`param_counts`), dense ones / TP, routed experts / (EP * ETP), the
     embedding on the first stage and the output layer on the last. When EP does not divide the routed
-    experts, every EP rank holds ``padded / EP`` experts (``ModelShape.padded_experts``, phantom ones on the
-    last rank: their weights are held, their gradients and state are not), so the most loaded rank holds
-    ``padded / EP`` real experts with gradients and state: the estimate counts the padded experts. Activations: 1F1B keeps
+    experts, every EP rank holds ``padded / EP`` experts (``ModelShape.padded_experts``; the phantoms on the
+    last rank have weights but no gradients or state), so the most loaded rank holds ``padded / EP`` real
+    experts with gradients and state: the estimate counts the padded experts. Activations: 1F1B keeps
     ``min(PP, M)`` micro-batches in flight on the first stage (1 on the last),
     ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`),
     plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):

@@ -7,10 +7,11 @@ The test model is the paper's MoE shape at toy size: s 2, k 4 with a shared expe
   describes the padding, the memory estimate holds the phantom experts); a padded MoE layer (one process,
   the phantom expert local) is bitwise the unpadded layer: output, gradients, checkpoint keys and shapes,
   with the phantom expert frozen at zero and never routed;
-- parallel: EP 2 and EP 4 (all-to-all; SequentialMLP and the torch grouped experts) and TP 2 x EP 2 (+SP,
-  expert-TP 2, all-gather) reproduce the EP 1 run (no padding) within test_moe.py's bounds; a checkpoint saved
-  at EP 2 resumes at EP 1 and EP 4 (the uninterrupted EP 2 run's later losses and final weights); the HF
-  export of the padded EP 2 checkpoint is tensor for tensor the export of the same weights saved unpadded.
+- parallel: EP 2 and EP 4 (all-to-all; SequentialMLP, the torch grouped experts, the layer-wise distributed
+  optimizer) and TP 2 x EP 2 (+SP, expert-TP 2, all-gather) reproduce the EP 1 run (no padding) within
+  test_moe.py's bounds; a checkpoint saved at EP 2 resumes at EP 1 and EP 4 (the uninterrupted EP 2 run's
+  later losses and final weights); the HF export of the padded EP 2 checkpoint is tensor for tensor the
+  export of the same weights saved unpadded.
   Control: phantom experts left routable (a logit of 0 in the top-k) diverge.
 """
 
@@ -178,12 +179,14 @@ def _runs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two(embedded_corpus, tmp_path_factory):
-    """EP 2 (7 experts padded to 8), saving at step 2; the torch grouped experts; the routable-phantom control."""
+    """EP 2 (7 experts padded to 8), saving at step 2; the torch grouped experts; the layer-wise distributed
+    sphere Muon; the routable-phantom control."""
     root = _runs_dir(tmp_path_factory)
     root.mkdir(exist_ok=True)
     return run_distributed(moe_worker, 2, {
         "ep2": (overrides(4, {"expert": 2}, **_saving(root / "ep2")), None),
         "ep2_torch_grouped": (overrides(4, {"expert": 2}, grouped_gemm="true"), None),
+        "ep2_layer_wise": (overrides(4, {"expert": 2, "distributed_optimizer": True}), None),
         "ep2_phantoms_routable": (overrides(4, {"expert": 2}), "phantom_experts_routable"),
     })[0]
 
@@ -250,7 +253,7 @@ def _resumed_reference(uninterrupted: dict) -> dict:
 
 
 @pytest.mark.tier("parallel")
-@pytest.mark.parametrize("name", ["ep2", "ep2_torch_grouped"])
+@pytest.mark.parametrize("name", ["ep2", "ep2_torch_grouped", "ep2_layer_wise"])
 def test_ep2_padded_matches_ep1(two, single, measured, name):
     check_moe_parity(measured, f"padded_{name}", two[name], single["reference"])
 

@@ -96,7 +96,7 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
             # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
             moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
-            # Megatron's flag means TE's
+            # Megatron's flag means TE's grouped experts (never with phantom experts: moe.experts_impl)
             moe_grouped_gemm=experts_impl(m.moe, device, m.moe.phantom_experts(p.expert)) == "te_grouped",
         )
     return TransformerConfig(**kwargs)
