@@ -74,6 +74,10 @@ class ModelShape:
     def router_topk(self) -> int:
         return self._moe_config.router_topk
 
+    def padded_experts(self, expert_parallel: int) -> int:
+        """Routed experts as held at this EP size, phantom experts included (``MoEConfig.padded_experts``)."""
+        return self._moe_config.padded_experts(expert_parallel) if self.moe else 0
+
     @property
     def expert_ffn(self) -> int:
         return self.ffn // self.moe_granularity
@@ -352,7 +356,10 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     sphere radius is a scalar per matrix. The distributed optimizer divides master + state by the
     data-parallel size (experts: the expert-data-parallel size). Parameters: layers/PP of the
     per-layer counts (:func:`param_counts`), dense ones / TP, routed experts / (EP * ETP), the
-    embedding on the first stage and the output layer on the last. Activations: 1F1B keeps
+    embedding on the first stage and the output layer on the last. When EP does not divide the routed
+    experts, every EP rank holds ``padded / EP`` experts (``ModelShape.padded_experts``; the phantoms on the
+    last rank have weights but no gradients or state), so the most loaded rank holds ``padded / EP`` real
+    experts with gradients and state: the estimate counts the padded experts. Activations: 1F1B keeps
     ``min(PP, M)`` micro-batches in flight on the first stage (1 on the last),
     ``layers/PP * micro_batch * seq`` tokens each (:func:`activation_bytes_per_token_layer`),
     plus logits ``(2 + 4) V / TP`` bytes per token on the last stage. Workspace (Muon only):
@@ -387,7 +394,8 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, *, optimizer: str = "spher
     for stage in stages:
         adam = layers * c["norms"] / tp
         matrices = layers * (c["attention"] + c["dense_mlp"] + c["router"]) / tp
-        experts = layers * c["experts"] / (layout.expert * layout.expert_tensor_size)
+        padded = shape.padded_experts(layout.expert) / shape.num_routed_experts if shape.moe else 1.0
+        experts = layers * c["experts"] * padded / (layout.expert * layout.expert_tensor_size)
         in_flight = min(pp, num_micro_batches) if "first" in stage else 1
         activations = (in_flight * kept + recomputed) * tokens
         if "first" in stage:

@@ -522,7 +522,12 @@ def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = T
     sharded = sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
-        unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+        model = unwrap(chunk)
+        state = loaded["model" if len(model_chunks) == 1 else f"model{i}"]
+        # Phantom experts (docs/moe.md) are not in checkpoints: they keep their zeros.
+        state.update({name: param.detach() for name, param in model.named_parameters()
+                      if getattr(param, "phantom_expert", False)})
+        model.load_state_dict(state)
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     device = _model_device(model_chunks)

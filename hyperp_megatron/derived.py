@@ -91,6 +91,9 @@ class DerivedRun:
     at_base_vocab: dict | None = None
     """When ``hyperp.base_vocab_size`` is set and differs from V: N, tokens, steps and LR the run would have at
     that vocabulary (:func:`vocab_change_line` says what changed); None otherwise."""
+    phantom_experts: int = 0
+    """Phantom experts per MoE layer: routed experts added to reach a multiple of the expert-parallel size
+    (zero weights, never routed, not trained or checkpointed; docs/moe.md). Counted in ``memory``."""
 
     @property
     def trained_tokens(self) -> int:
@@ -217,6 +220,7 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
         default_tokens=default_t, steps=steps, min_lr_ratio=cfg.optim.min_lr_ratio,
         warmup_steps=cfg.optim.warmup_steps, flops_per_token=flops_per_token(shape),
         train_flops=training_flops(shape, steps * batch_tokens), memory=memory,
+        phantom_experts=cfg.model.moe.phantom_experts(layout.expert) if cfg.model.moe.enabled else 0,
         **_lr_rules(cfg, shape, tokens, batch_tokens),
     )
 

@@ -343,7 +343,7 @@ class StabilityMonitor:
         logits = module.gating(args[0]).reshape(-1, self.num_experts).float()  # the router's own GEMM
         lse = torch.logsumexp(logits, dim=-1)
         self._add(index, "router_z", lse.double().pow(2).sum(), lse.numel())
-        routing_map = output[1]  # [tokens, experts] bool: top-k assignments
+        routing_map = output[1][:, : self.num_experts]  # [tokens, experts] bool: top-k (phantom columns cut)
         counts = routing_map.sum(dim=0).to(self._expert_counts)
         self._expert_counts[0, index] += counts
         self._expert_counts[1, index] = counts

@@ -33,7 +33,9 @@ from hyperp_megatron.config import Config, load_config
 from hyperp_megatron.derived import derive, resolve_vocab_size, vocab_change_line
 
 COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
-           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "fits", "tp", "pp", "dp", "ep")
+           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "fits", "tp", "pp", "dp", "ep",
+           "phantoms")
+"""``phantoms``: phantom experts per MoE layer that pad the routed experts to a multiple of ``ep`` (docs/moe.md)."""
 FORMATS = ("table", "json", "csv")
 
 
@@ -95,7 +97,7 @@ def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = 
             depth=s.depth, width=s.width, heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim,
             ffn=s.ffn, params=run.num_params, params_total=run.num_params_total, tokens=run.tokens,
             steps=run.steps, batch_tokens=run.batch_tokens, lr=run.lr, min_lr=run.min_lr,
-            train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep, **extra,
+            train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep, phantoms=run.phantom_experts, **extra,
         ))
     return rows
 
@@ -186,8 +188,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (keeps s x s scores)' if attention_keeps_scores(cfg.model.attention_backend) else ''}; "
               + (f"fits: <= {memory_fit.usable_gib(gpu_memory):.1f} GiB ({memory_fit.MEMORY_HEADROOM:.0%} of "
                  f"{gpu_memory:g} GiB, {gpu_name})" if gpu_memory else "fits: no GPU memory given (--gpu-memory)"))
+        if rows and rows[0]["phantoms"]:
+            print(padding_note(cfg, rows[0]["ep"]))
     print(render(rows, args.format))
     return 0
+
+
+def padding_note(cfg: Config, ep: int) -> str:
+    """One comment line describing the phantom-expert padding of an MoE config at expert-parallel size ``ep``."""
+    moe = cfg.model.moe
+    padded, phantoms = moe.padded_experts(ep), moe.phantom_experts(ep)
+    return (f"# MoE at EP {ep}: {moe.num_routed_experts} routed experts padded to {padded} with {phantoms} phantom "
+            f"expert(s) per layer on the last EP rank(s) (zero weights, never routed, not trained, not checkpointed; "
+            f"docs/moe.md); every EP rank holds {padded // ep} experts and mem_gib counts them")
 
 
 if __name__ == "__main__":

@@ -117,9 +117,33 @@ def monitor_reductions_skipped():
     return mock.patch.object(monitors, "dist", _WithoutAllReduce(monitors.dist))
 
 
+def _routing_with_phantoms(self, logits, padding_mask=None):
+    import torch
+
+    from hyperp_megatron.model.router import topk_gates
+
+    real = self.num_real_experts
+    logits = logits.view(-1, real)
+    padded = torch.nn.functional.pad(logits, (0, self.config.num_moe_experts - real))  # phantom logits 0
+    probs, routing_map = topk_gates(padded, self.topk, self.gate)
+    if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():  # aux loss: real experts
+        real_probs = self._attach_load_balancing_loss(probs[:, :real], logits, routing_map[:, :real])
+        probs = torch.cat([real_probs, probs[:, real:]], dim=1)
+    return probs, routing_map
+
+
+def phantom_experts_routable():
+    """Phantom experts are not masked: the router's top-k and softmax run over the padded expert count with a
+    logit of 0 for each phantom (zero weights), so tokens are sent to phantom experts."""
+    from hyperp_megatron.model import router
+
+    return mock.patch.object(router.SqrtGateRouter, "routing", _routing_with_phantoms)
+
+
 MUTATIONS = {fn.__name__: fn for fn in (
     resume_restarts_from_step_0, sphere_radius_per_shard, newton_schulz_per_shard, moe_load_statistics_local,
     sequence_parallel_norm_grads_not_reduced, reshard_without_optimizer_state, monitor_reductions_skipped,
+    phantom_experts_routable,
 )}
 
 

@@ -10,6 +10,7 @@ asserts its check fails on it (and passes the real code).
 | sequence-parallel norm gradients are reduced | sequence_parallel_norm_grads_not_reduced | test_trunk_parallel.py |
 | resharding loads the optimizer state | reshard_without_optimizer_state | test_trunk_parallel.py, test_sphere_trainer.py |
 | the monitors' TP / EP / DP reductions | monitor_reductions_skipped | test_monitors.py |
+| phantom experts are never routed | phantom_experts_routable | test_expert_padding.py |
 
 Other controls live beside their features without a mutation: blockwise Newton-Schulz on raw shards,
 standard parameterization (coordinate check, softmax scale), plain gates (MoE RMS).

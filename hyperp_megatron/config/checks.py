@@ -82,9 +82,12 @@ def check_layout(cfg: Config, world_size: int) -> None:
             f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}"
         )
     if m.moe.enabled:
-        experts = m.moe.num_routed_experts
-        if experts % p.expert:
-            raise ValueError(f"{experts} routed experts are not divisible by parallel.expert ({p.expert})")
+        # EP need not divide the routed experts: the model is padded with phantom experts (docs/moe.md).
+        # Phantoms sit on the last EP ranks; each rank must hold at least one real expert.
+        if m.moe.phantom_experts(p.expert) >= m.moe.padded_experts(p.expert) // p.expert:
+            raise ValueError(f"parallel.expert = {p.expert} leaves an expert-parallel rank with only phantom experts "
+                             f"({m.moe.num_routed_experts} routed experts padded to "
+                             f"{m.moe.padded_experts(p.expert)}): use a smaller parallel.expert")
         if m.ffn_size % m.moe.granularity:
             raise ValueError(f"FFN width {m.ffn_size} is not divisible by model.moe.granularity "
                              f"({m.moe.granularity}); set model.ffn_hidden_size")

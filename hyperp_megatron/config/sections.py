@@ -71,6 +71,16 @@ class MoEConfig:
     def router_topk(self) -> int:
         return self.granularity - int(self.shared_expert)
 
+    def padded_experts(self, expert_parallel: int) -> int:
+        """Routed experts as Megatron holds them at expert-parallel size ``expert_parallel``: the routed count
+        rounded up to a multiple of EP. The extra ones are phantom experts (zero weights, never routed, not
+        trained, not checkpointed; docs/moe.md), e.g. 63 routed experts at EP 8 -> 64."""
+        return -(-self.num_routed_experts // expert_parallel) * expert_parallel
+
+    def phantom_experts(self, expert_parallel: int) -> int:
+        """How many phantom experts :meth:`padded_experts` adds per MoE layer (0 when EP divides the count)."""
+        return self.padded_experts(expert_parallel) - self.num_routed_experts
+
 
 @dataclass
 class ModelConfig:
@@ -190,7 +200,8 @@ class ParallelConfig:
     pipeline: int = 1
     """Pipeline-parallel size (PP)."""
     expert: int = 1
-    """Expert-parallel size (EP), carved out of the data-parallel ranks."""
+    """Expert-parallel size (EP), carved out of the data-parallel ranks. It need not divide the routed experts:
+    they are padded with phantom experts (never routed, not trained or checkpointed; docs/moe.md)."""
     expert_tensor: int | None = None
     """Expert tensor-parallel size; default = tensor."""
     sequence_parallel: bool = False

@@ -13,6 +13,12 @@ expert) and the layout-invariant init (``model/init.py``) treat them as Sequenti
 The kernel path stacks the ``n`` local weights into one ``[n, in, out]`` operand per forward (a copy of
 the local expert weights; its backward splits the gradient back per expert).
 
+Phantom experts (docs/moe.md): with ``num_real_experts`` below the padded count, the local experts whose
+global number is ``>= num_real_experts`` are phantoms: zero weights with ``requires_grad`` off and the
+attribute ``phantom_expert`` (so DDP, the optimizer and clipping skip them), left out of the checkpoint,
+which then holds exactly the unpadded model's experts. :class:`SequentialExperts` is Megatron's
+``SequentialMLP`` with the same treatment.
+
 Expert parallelism and expert tensor parallelism are Megatron's: the token dispatcher delivers this
 rank's tokens sorted by local expert and reduces over expert-TP afterwards, so the expert GEMMs are local
 (fc1 column-, fc2 row-parallel over ``pg_collection.expt_tp``, like Megatron's expert linears, which skip
@@ -25,9 +31,11 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 KERNELS = ("auto", "grouped_mm", "loop")
@@ -111,6 +119,68 @@ class GroupedExpertWeights(torch.nn.Module):
         return [getattr(self, f"weight{i}") for i in range(self.num_local_experts)]
 
 
+def is_phantom(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a phantom expert (module docstring)."""
+    return getattr(param, "phantom_expert", False)
+
+
+@torch.no_grad()
+def _make_phantom(params) -> None:
+    for param in params:
+        param.zero_()
+        param.requires_grad_(False)
+        param.phantom_expert = True
+
+
+def _global_experts(ep_group, num_local_experts: int, num_real_experts: int | None) -> tuple[int, int]:
+    """(global number of this rank's first local expert, real experts in the model)."""
+    padded = ep_group.size() * num_local_experts
+    real = padded if num_real_experts is None else num_real_experts
+    if not padded - num_local_experts < real <= padded:
+        raise ValueError(f"{real} real experts over {padded} padded ones leave an expert-parallel rank "
+                         "without a real expert: use a smaller parallel.expert")
+    return ep_group.rank() * num_local_experts, real
+
+
+def _expert_offsets(prefix: str, sharded_offsets: tuple, expert: int, num_real: int, singleton: bool):
+    """(sharded-key prefix, offsets) of global expert ``expert`` among ``num_real`` (SequentialMLP's layout)."""
+    if singleton:
+        return f"{prefix}experts.{expert}.", sharded_offsets
+    return f"{prefix}experts.", (*sharded_offsets, (len(sharded_offsets), expert, num_real))
+
+
+class SequentialExperts(SequentialMLP):
+    """Megatron's ``SequentialMLP`` (one MLP per local expert) that knows the phantom experts: they are zero,
+    frozen and left out of :meth:`sharded_state_dict`, whose expert axis has the real count. Without phantoms
+    its checkpoint is ``SequentialMLP``'s."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, num_real_experts=None):
+        super().__init__(num_local_experts, config, submodules, pg_collection)
+        first, self.num_real_experts = _global_experts(self.ep_group, num_local_experts, num_real_experts)
+        for i, expert in enumerate(self.local_experts):
+            if first + i >= self.num_real_experts:
+                _make_phantom(expert.parameters())
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """``SequentialMLP.sharded_state_dict`` (megatron-core 0.16.1) over the real experts only."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = metadata.get("singleton_local_shards", False)
+        first = self.ep_group.rank() * self.num_local_experts
+        sharded = {}
+        for i, expert in enumerate(self.local_experts):
+            if first + i >= self.num_real_experts:
+                continue
+            state_prefix = f"{prefix}local_experts.{i}."
+            key_prefix, offsets = _expert_offsets(prefix, sharded_offsets, first + i, self.num_real_experts,
+                                                  singleton)
+            state = expert.sharded_state_dict(state_prefix, offsets, metadata)
+            replace_prefix_for_sharding(state, state_prefix, key_prefix)
+            for tensor in state.values():  # replicated over expert-DP
+                tensor.replica_id = (*tensor.replica_id[:2], self.dp_group.rank())
+            sharded.update(state)
+        return sharded
+
+
 def _refuse_unsupported(config) -> None:
     problems = {
         "expert biases (add_bias_linear)": config.add_bias_linear,
@@ -129,7 +199,8 @@ def _refuse_unsupported(config) -> None:
 class TorchGroupedMLP(MegatronModule):
     """Routed experts with grouped GEMMs and one parameter per expert (module docstring)."""
 
-    def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None):
+    def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None,
+                 num_real_experts: int | None = None):
         super().__init__(config=config)
         _refuse_unsupported(config)
         self.num_local_experts = num_local_experts
@@ -144,6 +215,9 @@ class TorchGroupedMLP(MegatronModule):
         self.linear_fc2 = GroupedExpertWeights(num_local_experts, config.hidden_size, ffn_per_rank, partition_dim=1,
                                                config=config, init_method=config.output_layer_init_method)
         self.activation_func = config.activation_func
+        first, self.num_real_experts = _global_experts(self.ep_group, num_local_experts, num_real_experts)
+        for i in range(max(self.num_real_experts - first, 0), num_local_experts):
+            _make_phantom([self.linear_fc1.weights()[i], self.linear_fc2.weights()[i]])
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.kernel not in KERNELS:
@@ -187,19 +261,16 @@ class TorchGroupedMLP(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """SequentialMLP's checkpoint layout (the same sharded keys, offsets and replica ids), so checkpoints
-        move between the two implementations; state-dict keys are this module's ``linear_fc{1,2}.weight{i}``."""
+        move between the two implementations; state-dict keys are this module's ``linear_fc{1,2}.weight{i}``.
+        Phantom experts are left out (the expert axis has the real count)."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton_local_shards = metadata.get("singleton_local_shards", False)
-        num_global_experts = self.ep_group.size() * self.num_local_experts
         first_global = self.ep_group.rank() * self.num_local_experts
         sharded = {}
-        for i in range(self.num_local_experts):
+        for i in range(min(self.num_local_experts, self.num_real_experts - first_global)):  # no phantom expert
             expert = first_global + i
-            if singleton_local_shards:
-                key_prefix, offsets = f"{prefix}experts.{expert}.", sharded_offsets
-            else:
-                key_prefix = f"{prefix}experts."
-                offsets = (*sharded_offsets, (len(sharded_offsets), expert, num_global_experts))
+            key_prefix, offsets = _expert_offsets(prefix, sharded_offsets, expert, self.num_real_experts,
+                                                  singleton_local_shards)
             for name, tp_axis in (("linear_fc1", 0), ("linear_fc2", 1)):
                 weight = getattr(getattr(self, name), f"weight{i}")
                 (tensor,) = make_sharded_tensors_for_checkpoint(

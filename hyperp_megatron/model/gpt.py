@@ -83,7 +83,8 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
         kwargs["softmax_scale"] = softmax_scale(m.kv_channels)
     if m.moe.enabled:
         kwargs.update(
-            num_moe_experts=m.moe.num_routed_experts,
+            # Rounded up to a multiple of EP with phantom experts (model/moe.py, docs/moe.md).
+            num_moe_experts=m.moe.padded_experts(p.expert),
             moe_router_topk=m.moe.router_topk,
             moe_ffn_hidden_size=m.ffn_size // m.moe.granularity,
             moe_shared_expert_intermediate_size=(m.ffn_size // m.moe.granularity
@@ -96,7 +97,8 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
             # the gate is 1 and the router learns from the load-balancing loss only (as the reference).
             moe_router_pre_softmax=m.moe.router_topk == 1,
             moe_router_dtype="fp32",
-            moe_grouped_gemm=experts_impl(m.moe, device) == "te_grouped",  # Megatron's flag means TE's
+            # Megatron's flag means TE's grouped experts (never with phantom experts: moe.experts_impl)
+            moe_grouped_gemm=experts_impl(m.moe, device, m.moe.phantom_experts(p.expert)) == "te_grouped",
         )
     return TransformerConfig(**kwargs)
 
@@ -124,8 +126,8 @@ def build_model(cfg: Config, pg_collection, vocab_size: int, device: torch.devic
     device = _device_or_default(device)
     use_te = check_device_support(cfg, device)
     tf_config = transformer_config(cfg, pg_collection, use_te, device)
-    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection,
-                            experts=experts_impl(cfg.model.moe, device))
+    experts = experts_impl(cfg.model.moe, device, cfg.model.moe.phantom_experts(cfg.parallel.expert))
+    spec = build_layer_spec(cfg.model, use_te=use_te, pg_collection=pg_collection, experts=experts)
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     model = GPTModel(

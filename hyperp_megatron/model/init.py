@@ -4,9 +4,9 @@ for any TP / PP / EP size, so different layouts start from identical weights.
 
 By role (``model/params.py``), HyperP (HYPERP.md section 2): hidden matrices (router and experts included)
 ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` so the sphere radius is ``R ~ sqrt(fan_out/3)``; output layer
-``N(0, 0.02^2)``; embedding ``N(0, 1e-4^2)``; norm gains 1, biases 0 (the same for the 'muon' baseline, so
-that side-by-side runs start from the same weights). Standard: Megatron's ``N(0, std^2)`` with the
-matrices that write into the residual stream scaled by ``1/sqrt(2 d)``.
+``N(0, 0.02^2)``; embedding ``N(0, 1e-4^2)``; norm gains 1, biases 0, phantom experts 0 (the same for the
+'muon' baseline, so that side-by-side runs start from the same weights). Standard: Megatron's
+``N(0, std^2)`` with the matrices that write into the residual stream scaled by ``1/sqrt(2 d)``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def initialize_parameters(model: torch.nn.Module, cfg: Config, pg_collection) ->
     """Overwrite every parameter with its layout-invariant initial value."""
     names = canonical_names(model, pg_collection)
     for name, param in model.named_parameters():
+        if getattr(param, "phantom_expert", False):  # zero and frozen (model/experts.py)
+            param.zero_()
+            continue
         canonical = names[name]
         group, dim = shard_layout(name, param, pg_collection)
         size = group.size() if group is not None else 1

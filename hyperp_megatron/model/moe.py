@@ -10,6 +10,12 @@
   keep one ``weight{i}`` parameter per expert, so per-expert init and per-expert spheres are unchanged.
 
 Token dispatch (all-to-all or all-gather, expert parallel, expert tensor parallel) is Megatron's.
+
+Expert parallelism for any routed-expert count (docs/moe.md): Megatron needs EP to divide its expert count,
+so ``TransformerConfig.num_moe_experts`` is the routed count rounded up to a multiple of EP
+(``MoEConfig.padded_experts``) and the extra experts are phantoms: the router never selects them
+(``model/router.py``), and the experts modules (``SequentialExperts``, ``TorchGroupedMLP``) hold them as zero,
+frozen weights that the checkpoint leaves out.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class HyperPMoELayer(MoELayer):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
         self.shared_expert_scale = shared_expert_scale
+        if self.router.num_real_experts < config.num_moe_experts and not hasattr(self.experts, "num_real_experts"):
+            raise ValueError(f"{type(self.experts).__name__} does not support phantom experts (routed experts "
+                             "not divisible by parallel.expert): use model.moe.grouped_gemm 'auto' or 'false'")
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: torch.Tensor | None):
         output = super().postprocess(output, shared_expert_output)
@@ -60,32 +69,36 @@ def te_grouped_gemm_importable() -> bool:
     return TEColumnParallelGroupedLinear is not None
 
 
-def experts_impl(moe: MoEConfig, device) -> str:
+def experts_impl(moe: MoEConfig, device, phantom_experts: int = 0) -> str:
     """Resolve ``model.moe.grouped_gemm`` ('auto' | 'true' | 'false') for a run on ``device``:
 
-    'false' -> 'sequential' (Megatron's SequentialMLP); on a GPU ('auto' or 'true') -> 'te_grouped' when TE's
-    grouped linear imports, else 'torch_grouped'; on CPU 'auto' -> 'sequential', 'true' -> 'torch_grouped'
-    (its per-expert loop: the same math as SequentialMLP, with the grouped module's parameter layout).
+    'false' -> 'sequential' (Megatron's SequentialMLP, as :class:`SequentialExperts`); on a GPU ('auto' or
+    'true') -> 'te_grouped' when TE's grouped linear imports and there are no phantom experts
+    (``phantom_experts``: ``MoEConfig.phantom_experts(EP)``; TEGroupedMLP's checkpoint would store them),
+    else 'torch_grouped'; on CPU 'auto' -> 'sequential', 'true' -> 'torch_grouped' (its per-expert loop: the
+    same math as SequentialMLP, with the grouped module's parameter layout).
     """
     if moe.grouped_gemm == "false":
         return "sequential"
     if torch.device(device).type == "cuda":
-        return "te_grouped" if te_grouped_gemm_importable() else "torch_grouped"
+        return "te_grouped" if te_grouped_gemm_importable() and not phantom_experts else "torch_grouped"
     return "torch_grouped" if moe.grouped_gemm == "true" else "sequential"
 
 
 def _experts_spec(impl: str, num_experts: int, base: ModuleSpec) -> ModuleSpec | type:
+    """``num_experts``: the real routed experts (the padded count is the TransformerConfig's)."""
     # Megatron's legacy GroupedMLP (one fused weight for all local experts) is never used: it would
     # merge the experts into one matrix for the optimizer and the initialization.
     if impl == "te_grouped":
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
         return get_moe_module_spec(use_te=True, num_experts=num_experts, moe_grouped_gemm=True).submodules.experts
-    if impl == "torch_grouped":
-        from hyperp_megatron.model.experts import TorchGroupedMLP
+    from hyperp_megatron.model.experts import SequentialExperts, TorchGroupedMLP
 
-        return ModuleSpec(module=TorchGroupedMLP)
-    return base.submodules.experts
+    params = {"num_real_experts": num_experts}
+    if impl == "torch_grouped":
+        return ModuleSpec(module=TorchGroupedMLP, params=params)
+    return ModuleSpec(module=SequentialExperts, submodules=base.submodules.experts.submodules, params=params)
 
 
 def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, experts: str = "sequential") -> ModuleSpec:
@@ -96,7 +109,7 @@ def moe_layer_spec(base: ModuleSpec, moe: MoEConfig, pg_collection=None, experts
     hands its process groups only to the exact ``MoELayer`` class (0.16.1, ``transformer_layer.py``),
     and for other classes logs "Unknown MLP type" and lets the layer fall back to the global groups.
     """
-    router = functools.partial(SqrtGateRouter, gate=moe.gate)
+    router = functools.partial(SqrtGateRouter, gate=moe.gate, num_real_experts=moe.num_routed_experts)
     submodules = dataclasses.replace(base.submodules, router=router)
     submodules.experts = _experts_spec(experts, moe.num_routed_experts, base)
     params = {"shared_expert_scale": SHARED_EXPERT_MIX if moe.gate == "sqrt" else 1.0}

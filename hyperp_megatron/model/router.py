@@ -15,6 +15,12 @@ Load balancing, per MoE layer: ``L_aux = gamma * E * sum_e P_e f_e`` with ``P_e`
 the ``E`` routed experts averaged over the global batch and ``f_e`` the fraction of top-k assignments
 that went to expert ``e`` in the global batch (all tensor-, data-, expert- and context-parallel ranks).
 No z-loss.
+
+Phantom experts (docs/moe.md): when the expert-parallel size does not divide the ``E`` routed experts,
+Megatron holds ``E_pad`` (the next multiple of EP; ``TransformerConfig.num_moe_experts``). The router
+keeps ``W_r`` at ``(E, C)``: its logits, top-k, softmax, aux loss and load statistics cover the real experts
+only, and ``probs`` / ``routing_map`` get ``E_pad - E`` zero columns for the dispatcher, so a phantom expert
+can never be selected (as a ``-inf`` logit, without computing one).
 """
 
 from __future__ import annotations
@@ -104,13 +110,24 @@ class SqrtGateRouter(TopKRouter):
     statistics accumulated here; :func:`hyperp_megatron.model.moe.pop_local_aux_loss` collects it.
     """
 
-    def __init__(self, config, pg_collection=None, gate: str = "sqrt"):
+    def __init__(self, config, pg_collection=None, gate: str = "sqrt", num_real_experts: int | None = None):
         if gate not in GATES:
             raise ValueError(f"model.moe.gate must be one of {', '.join(GATES)}; got {gate!r}")
         super().__init__(config=config, pg_collection=pg_collection)
         self.gate = gate
         self._logged: dict | None = None  # detached counts and P shares since the last pop_aux_loss
         self._check_config(config)
+        # The real routed experts; the rest of config.num_moe_experts are phantoms (module docstring).
+        self.num_real_experts = num_real_experts or config.num_moe_experts
+        if not 0 < self.num_real_experts <= config.num_moe_experts or self.topk > self.num_real_experts:
+            raise ValueError(f"{self.num_real_experts} real routed experts do not fit {config.num_moe_experts} "
+                             f"padded ones with top-{self.topk}")
+        if self.num_real_experts < config.num_moe_experts:
+            self.weight = torch.nn.Parameter(torch.empty((self.num_real_experts, config.hidden_size),
+                                                         dtype=torch.float32))
+            self.reset_parameters()  # dtype and sequence-parallel attribute, as TopKRouter's own weight
+            if self.global_tokens_per_expert is not None:
+                self.global_tokens_per_expert = torch.zeros_like(self.global_tokens_per_expert[:self.num_real_experts])
 
     @staticmethod
     def _check_config(config) -> None:
@@ -137,10 +154,14 @@ class SqrtGateRouter(TopKRouter):
         """logits [s, b, E] -> (probs [s*b, E], routing_map [s*b, E]), with the aux loss attached."""
         if padding_mask is not None:
             raise ValueError("SqrtGateRouter does not support padding masks")
-        logits = logits.view(-1, self.config.num_moe_experts)
+        logits = logits.view(-1, self.num_real_experts)
         probs, routing_map = topk_gates(logits, self.topk, self.gate)
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             probs = self._attach_load_balancing_loss(probs, logits, routing_map)
+        phantoms = self.config.num_moe_experts - self.num_real_experts
+        if phantoms:  # zero gate, never selected: the dispatcher sends no token to a phantom expert
+            probs = torch.nn.functional.pad(probs, (0, phantoms))
+            routing_map = torch.nn.functional.pad(routing_map, (0, phantoms))
         return probs, routing_map
 
     def _attach_load_balancing_loss(self, probs, logits, routing_map):
