@@ -76,6 +76,12 @@ class DerivedRun:
     decay_peak_lr: float | None
     """The Muon baseline's decay reference ``eta_peak`` (its decay is ``(eta(t) / eta_peak) wd``); None otherwise."""
     output_logit_multiplier: float
+    output_init_std: float
+    """Init std of the output layer (``model.output_init_std`` under 'hyperp'/'muon', else
+    ``model.init_method_std``): under sphere Muon it fixes the output sphere's radius."""
+    logit_capacity: float
+    """``output_init_std * C * output_logit_multiplier``: the logit an average output row produces from a
+    unit-RMS final hidden state (times the final-norm gain); the reference has 0.02 C."""
     flops_per_token: float
     train_flops: float
     """flops_per_token * steps * B."""
@@ -169,13 +175,17 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
     memory = memory_per_gpu(shape, layout, optimizer=cfg.optim.name, precision=t.precision,
                             micro_batch_size=t.micro_batch_size, num_micro_batches=num_micro_batches,
                             attention_backend=cfg.model.attention_backend)
+    lr_rules = _lr_rules(cfg, shape, tokens, batch_tokens)
+    output_std = cfg.model.output_init_std if cfg.model.hyperp_architecture else cfg.model.init_method_std
     return DerivedRun(
+        output_init_std=output_std,
+        logit_capacity=output_std * shape.width * lr_rules["output_logit_multiplier"],
         shape=shape, layout=layout, num_params=n, num_params_total=num_params_total(shape),
         base_num_params=base_n, batch_tokens=batch_tokens, num_micro_batches=num_micro_batches, tokens=tokens,
         default_tokens=default_t, steps=steps, min_lr_ratio=cfg.optim.min_lr_ratio,
         warmup_steps=cfg.optim.warmup_steps, flops_per_token=flops_per_token(shape),
         train_flops=training_flops(shape, steps * batch_tokens), memory=memory,
-        **_lr_rules(cfg, shape, tokens, batch_tokens),
+        **lr_rules,
     )
 
 
@@ -221,6 +231,8 @@ def ignored_settings(cfg: Config, derived: DerivedRun) -> list[str]:
          f"the token law applies to sphere_muon only; this run uses {o.name}"),
         (["model.init_method_std"] if m.hyperp_architecture else [],
          f"the '{m.parameterization}' initialization has fixed scales (model/init.py)"),
+        (["model.output_init_std"] if not m.hyperp_architecture else [],
+         "the 'standard' initialization draws the output layer with model.init_method_std"),
         (["model.fp32_residual"] if cfg.train.precision == "fp32" else [], "the run is fp32"),
         ([f"train.{k}" for k in ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo")]
          if cfg.train.fp8 is None else [], "train.fp8 is off"),
