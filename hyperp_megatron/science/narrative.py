@@ -67,7 +67,10 @@ def regime(analysis) -> dict:
             "tokens": (min(tokens), max(tokens)) if tokens else None,
             "vocabulary": base.data.embedded_vocab_size if not base.model.vocab_size else base.model.vocab_size,
             "sequence": base.model.seq_length, "batch tokens": base.train.global_batch_size * base.model.seq_length,
-            "output std": values("model.output_init_std") or [C.PAPER_OUTPUT_STD]}
+            "constant capacities": sorted({round(r.value("model.output_init_std") * r.value("model.hidden_size"), 6)
+                                           for r in finished if r.value("model.output_init_std") is not None
+                                           and r.value("model.output_init_std") != C.PAPER_OUTPUT_STD
+                                           and r.value("model.hidden_size") is not None})}
 
 
 def _regime_lines(analysis) -> list[str]:
@@ -86,13 +89,14 @@ def _regime_lines(analysis) -> list[str]:
         f"| training tokens | {t[0] / 1e6:.2f}M - {t[1] / 1e6:.2f}M | {paper['tokens at d0 (T0)']:.3g} at d0 |",
         f"| vocabulary / sequence / batch tokens | {ours['vocabulary']} / {ours['sequence']} / {ours['batch tokens']} "
         f"| {paper['vocabulary']} / {paper['sequence']} / {paper['batch tokens B0']} |",
-        f"| output init std -> logit capacity std x C | {', '.join(f'{s:g}' for s in ours['output std'])} -> "
-        f"{C.PAPER_OUTPUT_STD * min(w):.2f} - {C.PAPER_OUTPUT_STD * max(w):.2f} at 0.02 | {C.PAPER_OUTPUT_STD} -> "
-        f"{C.PAPER_OUTPUT_STD * width_paper:.1f} |",
+        f"| logit capacity (output init std x C) | {C.PAPER_OUTPUT_STD * min(w):.2f} - {C.PAPER_OUTPUT_STD * max(w):.2f} "
+        f"at the reference std {C.PAPER_OUTPUT_STD}; held at "
+        f"{', '.join(f'{c:g}' for c in ours['constant capacities']) or '-'} in the constant-capacity ladders | "
+        f"{C.PAPER_OUTPUT_STD * width_paper:.1f} (std {C.PAPER_OUTPUT_STD}) |",
         "",
         f"Our widths are {width_paper // int(max(w))}-{width_paper // int(min(w))}x below the paper's base width and "
-        f"our token budgets about {paper['tokens at d0 (T0)'] / t[1]:.0e}x below its T0: every verdict below is a "
-        "statement about this regime, not about the method at the paper's scale.",
+        f"our token budgets {paper['tokens at d0 (T0)'] / t[1]:,.0f}x or more below its T0: every verdict below is "
+        "a statement about this regime, not about the method at the paper's scale.",
     ]
 
 

@@ -41,7 +41,8 @@ def _sweep_panel(ax, ladder, title: str, xlabel: str = "base LR") -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final validation loss")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     _clip_y(ax, ladder)
 
 
