@@ -18,7 +18,8 @@ without), then issue 13's targets: dense d8 at 16 x 4096 (MFU >= 50%), sphere Mu
 with bf16 Newton-Schulz (<= 1.1x), Newton-Schulz bf16 vs matmul FLOP/s (>= 0.7), SDPA attention and
 grouped experts (``bench/attention_experts_bench.py``); then the d8 dense shape at seq 2048 with
 sphere_muon / muon / adamw (tokens/s, MFU vs the GPU's bf16 peak, peak memory) and the single-process
-unit tests. Trainer runs use the trainer's GPU defaults (TF32 on, bf16 Newton-Schulz) except the tiny parts.
+unit tests, and issue 24's science micro-study (the science base recipe at C 256 and 512, vocab 32k,
+3 LRs). Trainer runs use the trainer's GPU defaults (TF32 on, bf16 Newton-Schulz) except the tiny parts.
 Writes ``gpu_check.json`` (``gpu``, ``versions``, ``parts`` = {name: {"ok", "error",
 ...numbers}}, ``metrics`` = flat name -> number) and ``gpu_check.md`` after every part.
 

@@ -345,8 +345,51 @@ def unit_tests(check) -> dict:
             "files": len(files), "metrics": {"unit_tests_passed": counts.get("passed", 0)}, "failures": failures}
 
 
+# ---------------------------------------------------------------------- science: the logit-capacity micro-study
+
+SCIENCE_WIDTHS = (256, 512)
+SCIENCE_SMOKE_WIDTHS = (32, 64)
+SCIENCE_LRS = (0.05, 0.1, 0.2)
+SCIENCE_VOCAB = 32768
+SCIENCE_STEPS = 240
+
+
+def science_micro(check) -> dict:
+    """Issue 24's GPU micro-study: the science base point's unmodified recipe (d 4, attention width 2C, FFN 4C,
+    sequence 128, batch 16, 240 steps, output init std 0.02, every HyperP rule on) at C 256 and 512 with a 32k
+    vocabulary, at 3 base LRs. On the CPU the optimum fell with width (C 32 -> 128, slope about -0.8) while at
+    constant logit capacity (output std x C fixed) it was flat; at these widths 0.02 C is 5-10, so the
+    transfer rule predicts the optimum stays near the base point's (~0.1) if capacity was the cause.
+    ``val_loss`` per LR and the fitted optimum per width (bench/results/science/REPORT.md has the CPU side)."""
+    from hyperp_megatron.science.fit import fit_optimum
+
+    widths = SCIENCE_SMOKE_WIDTHS if check.smoke else SCIENCE_WIDTHS
+    numbers, metrics, failures = {"widths": list(widths), "base_lrs": list(SCIENCE_LRS), "vocab": SCIENCE_VOCAB}, {}, []
+    for width in widths:
+        losses = {}
+        for lr in SCIENCE_LRS:
+            model = {"hidden_size": width, "num_attention_heads": 8, "num_query_groups": 4, "head_dim": width // 4,
+                     "ffn_hidden_size": 4 * width, "vocab_size": SCIENCE_VOCAB}
+            run = check.train("configs/science/base.yaml", check.overrides(
+                f"science_C{width}_lr{lr:g}", model=model, hyperp={"base_lr": lr},
+                train={"steps": _steps(check, SCIENCE_STEPS), "eval_iters": 2 if check.smoke else 8,
+                       "precision": "bf16" if check.device.type == "cuda" else "fp32"},
+                monitor={"interval": 0}))
+            losses[lr] = run["val_loss"]
+            if run["val_loss"] is None or not math.isfinite(run["val_loss"]):
+                failures.append(f"C{width} lr {lr}: val_loss {run['val_loss']}")
+        numbers[f"C{width}_val_loss"] = {f"{lr:g}": loss for lr, loss in losses.items()}
+        finite = {lr: [loss] for lr, loss in losses.items() if loss is not None and math.isfinite(loss)}
+        if len(finite) == len(SCIENCE_LRS):
+            optimum = fit_optimum(finite, window=3)
+            numbers[f"C{width}_lr_opt"], numbers[f"C{width}_at_edge"] = optimum.lr, optimum.at_edge
+            metrics[f"science_C{width}_lr_opt"] = optimum.lr
+            metrics[f"science_C{width}_best_val_loss"] = min(finite.values())[0]
+    return {**numbers, "metrics": metrics, "failures": failures}
+
+
 PARTS = {fn.__name__: fn for fn in (tiny_fp32, tiny_bf16, checkpoint_resume, dense_d8_seq4096, sphere_vs_adamw,
                                      moe_d8, optimizer_step, newton_schulz, attention_experts, dense_d8_sphere_muon,
-                                     dense_d8_muon, dense_d8_adamw, unit_tests)}
+                                     dense_d8_muon, dense_d8_adamw, unit_tests, science_micro)}
 """Run in this order; the first ones matter most when the time budget runs out (the issue-13 targets come
 before the seq-2048 comparisons with shared/GPU.md)."""

@@ -78,6 +78,12 @@ class DerivedRun:
     decay_peak_lr: float | None
     """The Muon baseline's decay reference ``eta_peak`` (its decay is ``(eta(t) / eta_peak) wd``); None otherwise."""
     output_logit_multiplier: float
+    output_init_std: float
+    """Init std of the output layer (``model.output_init_std`` under 'hyperp'/'muon', else
+    ``model.init_method_std``): under sphere Muon it fixes the output sphere's radius."""
+    logit_capacity: float
+    """``output_init_std * C * output_logit_multiplier``: the logit an average output row produces from a
+    unit-RMS final hidden state (times the final-norm gain); the reference has 0.02 C."""
     flops_per_token: float
     """Training FLOPs per token in the reference's budget convention (``budget.flops_per_token``)."""
     train_flops: float
@@ -213,7 +219,11 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
         base = derive(cfg, world_size, vocab_size=h.base_vocab_size, use_default_tokens=use_default_tokens)
         at_base_vocab = {"vocab_size": h.base_vocab_size, "num_params": base.num_params, "tokens": base.tokens,
                          "steps": base.steps, "lr": base.lr}
+    lr_rules = _lr_rules(cfg, shape, tokens, batch_tokens)
+    output_std = cfg.model.output_init_std if cfg.model.hyperp_architecture else cfg.model.init_method_std
     return DerivedRun(
+        output_init_std=output_std,
+        logit_capacity=output_std * shape.width * lr_rules["output_logit_multiplier"],
         vocab_size=vocab, model_flops_per_token=model_flops_per_token(shape), at_base_vocab=at_base_vocab,
         shape=shape, layout=layout, num_params=n, num_params_total=num_params_total(shape),
         base_num_params=base_n, batch_tokens=batch_tokens, num_micro_batches=num_micro_batches, tokens=tokens,
@@ -221,7 +231,7 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int | None = None,
         warmup_steps=cfg.optim.warmup_steps, flops_per_token=flops_per_token(shape),
         train_flops=training_flops(shape, steps * batch_tokens), memory=memory,
         phantom_experts=cfg.model.moe.phantom_experts(layout.expert) if cfg.model.moe.enabled else 0,
-        **_lr_rules(cfg, shape, tokens, batch_tokens),
+        **lr_rules,
     )
 
 
@@ -267,6 +277,8 @@ def ignored_settings(cfg: Config, derived: DerivedRun) -> list[str]:
          f"the token law applies to sphere_muon only; this run uses {o.name}"),
         (["model.init_method_std"] if m.hyperp_architecture else [],
          f"the '{m.parameterization}' initialization has fixed scales (model/init.py)"),
+        (["model.output_init_std"] if not m.hyperp_architecture else [],
+         "the 'standard' initialization draws the output layer with model.init_method_std"),
         (["model.fp32_residual"] if cfg.train.precision == "fp32" else [], "the run is fp32"),
         (["model.recompute_method", "model.recompute_num_layers"] if m.recompute != "full" else [],
          f"it applies to model.recompute full; this run uses {m.recompute!r}"),

@@ -33,7 +33,7 @@ from hyperp_megatron.config import Config, load_config
 from hyperp_megatron.derived import derive, resolve_vocab_size, vocab_change_line
 
 COLUMNS = ("depth", "width", "heads", "kv_heads", "head_dim", "ffn", "params", "params_total", "tokens",
-           "steps", "batch_tokens", "lr", "min_lr", "train_flops", "mem_gib", "fits", "tp", "pp", "dp", "ep",
+           "steps", "batch_tokens", "lr", "min_lr", "output_std", "logit_capacity", "train_flops", "mem_gib", "fits", "tp", "pp", "dp", "ep",
            "phantoms")
 """``phantoms``: phantom experts per MoE layer that pad the routed experts to a multiple of ``ep`` (docs/moe.md)."""
 FORMATS = ("table", "json", "csv")
@@ -97,6 +97,7 @@ def plan_rows(cfg: Config, depths: list[int] | None = None, *, tp: int | None = 
             depth=s.depth, width=s.width, heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim,
             ffn=s.ffn, params=run.num_params, params_total=run.num_params_total, tokens=run.tokens,
             steps=run.steps, batch_tokens=run.batch_tokens, lr=run.lr, min_lr=run.min_lr,
+            output_std=run.output_init_std, logit_capacity=run.logit_capacity,
             train_flops=run.train_flops, mem_gib=run.memory.total, tp=tp, pp=pp, dp=dp, ep=ep, phantoms=run.phantom_experts, **extra,
         ))
     return rows
@@ -111,7 +112,8 @@ def _human(value: float) -> str:
 
 def _table(rows: list[dict]) -> str:
     formats = {"params": _human, "params_total": _human, "tokens": _human, "batch_tokens": _human,
-               "lr": "{:.3e}".format, "min_lr": "{:.3e}".format, "train_flops": "{:.3e}".format,
+               "lr": "{:.3e}".format, "min_lr": "{:.3e}".format, "output_std": "{:.3g}".format,
+               "logit_capacity": "{:.3g}".format, "train_flops": "{:.3e}".format,
                "mem_gib": "{:.1f}".format, "fits": lambda fits: {None: "-", True: "yes", False: "NO"}[fits]}
     cells = [[formats.get(c, str)(row[c]) for c in COLUMNS] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]

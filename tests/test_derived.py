@@ -82,3 +82,46 @@ def test_run_directory_records_what_ran(tmp_path, embedded_corpus):
     state = json.loads((run_dir / "checkpoints" / "step_000003" / "train_state.json").read_text())
     assert state["train_state"]["step"] == 3 and state["derived"]["steps"] == 3
     assert state["config"]["train"]["steps"] == 50 and state["derived"]["lr"] == derived["lr"]
+
+
+def test_output_init_std_and_logit_capacity():
+    """derived.json carries the output layer's init std and the logit capacity std * C * multiplier; the
+    'standard' parameterization ignores model.output_init_std (one warning line)."""
+    run = derive(_cfg(model={**MODEL, "output_init_std": 0.04}), 1)
+    assert run.output_init_std == 0.04 and run.logit_capacity == pytest.approx(0.04 * 64)
+    assert run.to_dict()["logit_capacity"] == pytest.approx(2.56)
+    muon = derive(_cfg(model={**MODEL, "num_layers": 4, "parameterization": "muon"},
+                       hyperp={"enabled": True, "base_depth": 2}, optim={"name": "muon"}), 1)
+    assert muon.logit_capacity == pytest.approx(0.02 * 64 * 2 / 4)  # the baseline's logit multiplier d0/d
+    cfg = _cfg(model={**MODEL, "parameterization": "standard", "output_init_std": 0.04})
+    standard = derive(cfg, 1)
+    assert standard.output_init_std == cfg.model.init_method_std
+    assert any(line.startswith("model.output_init_std = 0.04 is ignored") for line in ignored_settings(cfg, standard))
+    with pytest.raises(ValueError, match="model.output_init_std must be > 0"):
+        _cfg(model={**MODEL, "output_init_std": 0.0})
+
+
+def test_plan_shows_the_output_std_and_capacity():
+    from hyperp_megatron.plan import plan_rows
+
+    rows = plan_rows(_cfg(model={**MODEL, "output_init_std": 0.04}), [2, 4], tokens="config")
+    assert [row["output_std"] for row in rows] == [0.04, 0.04]
+    assert rows[1]["logit_capacity"] == pytest.approx(0.04 * 128)  # the family at d 4 has C 128
+
+
+def test_hf_export_config_carries_the_output_init_std():
+    """The HyperP HF config records lm_head's init std, and the HF class draws lm_head with it."""
+    import torch
+
+    from hyperp_megatron.convert.hf_modeling.modeling_hyperp import HyperPConfig, HyperPForCausalLM
+    from hyperp_megatron.convert.hyperp import HyperPTarget
+    from hyperp_megatron.convert.targets import SpecialTokens
+
+    cfg = _cfg(model={**MODEL, "output_init_std": 0.5})
+    hf = HyperPTarget().hf_config(cfg, 128, SpecialTokens(None, None), "float32")
+    assert hf["output_initializer_range"] == 0.5
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "output_initializer_range")
+    torch.manual_seed(0)
+    model = HyperPForCausalLM(HyperPConfig(**{k: hf[k] for k in keys}))
+    assert float(model.lm_head.weight.detach().std()) == pytest.approx(0.5, rel=0.05)

@@ -42,7 +42,8 @@ def test_every_part_runs_and_the_report_has_the_schema(smoke_report):
     assert report["metrics"] and all(isinstance(v, (int, float)) and math.isfinite(v)
                                      for v in report["metrics"].values()), report["metrics"]
     for name in ("tiny_fp32_step1_abs_diff", "tiny_bf16_step1_abs_diff", "dense_d8_sphere_muon_tokens_per_s",
-                 "moe_d8_tokens_per_s", "sphere_step_vs_torch_muon", "ns_bf16_vs_matmul", "resume_max_rel_diff"):
+                 "moe_d8_tokens_per_s", "sphere_step_vs_torch_muon", "ns_bf16_vs_matmul", "resume_max_rel_diff",
+                 "science_C32_lr_opt", "science_C64_best_val_loss"):  # the science part at its smoke widths
         assert name in report["metrics"], name
     assert all(name in markdown for name in PARTS)
 

@@ -229,6 +229,19 @@ def test_initial_sphere_radii(pg_collection):
     assert float(gpt.embedding.word_embeddings.weight.detach().std()) == pytest.approx(1e-4, rel=0.01)
 
 
+@pytest.mark.parametrize("parameterization", ["hyperp", "muon"])
+def test_output_init_std_sets_the_output_radius(pg_collection, parameterization):
+    """model.output_init_std draws the output layer (hence its sphere radius), and nothing else."""
+    default, _ = build(pg_collection, num_layers=1, hidden_size=256, parameterization=parameterization)
+    wider, _ = build(pg_collection, num_layers=1, hidden_size=256, parameterization=parameterization,
+                     output_init_std=0.08)
+    assert float(wider.output_layer.weight.detach().std()) == pytest.approx(0.08, rel=0.02)
+    ratio = float(wider.output_layer.weight.detach().norm() / default.output_layer.weight.detach().norm())
+    assert ratio == pytest.approx(4.0, rel=1e-5)  # the same draw, scaled
+    torch.testing.assert_close(wider.embedding.word_embeddings.weight, default.embedding.word_embeddings.weight)
+    torch.testing.assert_close(wider.decoder.layers[0].mlp.linear_fc1.weight, default.decoder.layers[0].mlp.linear_fc1.weight)
+
+
 # ----------------------------------------------------------------------------------------------
 # Muon baseline
 

@@ -120,6 +120,11 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Init std of the 'standard' parameterization (HyperP's and the 'muon' baseline's init has fixed scales,
     model/init.py)."""
+    output_init_std: float = 0.02
+    """Init std of the output layer under 'hyperp' and 'muon' (the reference's 0.02). Under sphere Muon the
+    output layer stays on the sphere of its initial radius (about output_init_std * sqrt(vocab * C)), so
+    this sets the logit capacity (about output_init_std * C * final-norm gain per average row): hold
+    output_init_std * C constant to compare widths at equal capacity (docs/science.md)."""
     transformer_impl: str = "auto"
     """'auto' (Transformer Engine layers when TE and a GPU are present), 'local' or 'transformer_engine' (refused
     without TE and a GPU)."""
@@ -158,6 +163,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive (or unset for the default), got {getattr(self, name)}")
         if not self.init_method_std > 0:
             raise ValueError(f"model.init_method_std must be > 0, got {self.init_method_std}")
+        if not self.output_init_std > 0:
+            raise ValueError(f"model.output_init_std must be > 0, got {self.output_init_std}")
         if self.num_query_groups > self.num_attention_heads:
             raise ValueError(f"model.num_query_groups ({self.num_query_groups}) must be <= model.num_attention_heads "
                              f"({self.num_attention_heads}): each key/value head serves one or more query heads")

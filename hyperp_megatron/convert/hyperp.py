@@ -48,6 +48,8 @@ class HyperPTarget(Target):
             "qk_norm": m.qk_norm, "attention_gate": "per_head" if m.gated_attention else None,
             "attention_softmax_scale": scale, "residual_multiplier": branch_multiplier(m),
             "logit_multiplier": logit_multiplier(cfg),
+            # the output layer's init std (its sphere radius under sphere Muon): what HF's init draws lm_head with
+            "output_initializer_range": m.output_init_std if m.hyperp_architecture else m.init_method_std,
             "num_experts": moe.num_routed_experts if moe.enabled else 0,
             "num_experts_per_tok": moe.router_topk if moe.enabled else 1, "moe_intermediate_size": expert_width,
             "shared_expert_intermediate_size": expert_width if moe.enabled and moe.shared_expert else 0,

@@ -4,7 +4,7 @@ for any TP / PP / EP size, so different layouts start from identical weights.
 
 By role (``model/params.py``), HyperP (HYPERP.md section 2): hidden matrices (router and experts included)
 ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` so the sphere radius is ``R ~ sqrt(fan_out/3)``; output layer
-``N(0, 0.02^2)``; embedding ``N(0, 1e-4^2)``; norm gains 1, biases 0, phantom experts 0 (the same for the
+``N(0, model.output_init_std^2)`` (the reference's 0.02); embedding ``N(0, 1e-4^2)``; norm gains 1, biases 0, phantom experts 0 (the same for the
 'muon' baseline, so that side-by-side runs start from the same weights). Standard: Megatron's
 ``N(0, std^2)`` with the matrices that write into the residual stream scaled by ``1/sqrt(2 d)``.
 """
@@ -20,7 +20,6 @@ from hyperp_megatron.config import Config
 from hyperp_megatron.model.params import canonical_names, is_glu_fc1, role_of, shard_layout, writes_residual
 
 EMBEDDING_STD = 1e-4
-OUTPUT_STD = 0.02
 
 
 def _full_to_local(full: torch.Tensor, name: str, dim: int, rank: int, size: int) -> torch.Tensor:
@@ -44,7 +43,7 @@ def _draw(name: str, shape: tuple, cfg: Config, generator: torch.Generator) -> t
     if kind == "embedding":
         return torch.randn(shape, generator=generator) * (EMBEDDING_STD if hyperp else cfg.model.init_method_std)
     if kind == "output":
-        return torch.randn(shape, generator=generator) * (OUTPUT_STD if hyperp else cfg.model.init_method_std)
+        return torch.randn(shape, generator=generator) * (cfg.model.output_init_std if hyperp else cfg.model.init_method_std)
     if hyperp:
         bound = 1.0 / math.sqrt(shape[-1])
         return (torch.rand(shape, generator=generator) * 2 - 1) * bound

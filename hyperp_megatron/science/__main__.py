@@ -2,15 +2,19 @@
 ``python -m hyperp_megatron.science sweep|fit ...``.
 
     hyperp-sweep plan --spec sweeps/science.yaml            # runs, FLOPs, estimate
-    hyperp-sweep run  --spec sweeps/science.yaml --results /work/science/results --jobs 2
+    hyperp-sweep run  --spec sweeps/science.yaml --results RESULTS --jobs 2
     hyperp-sweep run-one --spec ... --results ... --index $SLURM_ARRAY_TASK_ID   # launch/sweep_array.sbatch
     hyperp-sweep status --spec ... --results ...
-    hyperp-fit --spec sweeps/science.yaml --results /work/science/results --out bench/results/science
+    hyperp-sweep archive --spec ... --results ... --out bench/results/science --archive DIR/science_runs.tar.gz
+    hyperp-fit --spec sweeps/science.yaml --results RESULTS --out bench/results/science
+    hyperp-fit --spec sweeps/science.yaml --results bench/results/science/runs_summary.jsonl --out DIR
 
 The sweep is resumable: a run that finished (done, or diverged: a result) is never redone; rerunning the same
 command continues with the rest (failed and interrupted runs start over). Each run's folder
 ``<results>/runs/<key>`` holds the resolved config, metrics.jsonl, final.json, train.log and status.json; no
-checkpoints unless --save-checkpoints.
+checkpoints unless --save-checkpoints. ``archive`` writes the compact per-run summary the fit can read instead of
+the folders (``runs_summary.jsonl``, with each file's sha256) and a reproducible tar.gz of the folders with its
+manifest (``runs_archive.json``); the raw runs stay out of the repository.
 
 The fit works on partial results (every verdict names its missing runs). Per scale: a quadratic in log(LR) of the
 final validation loss, its argmin and uncertainty (bootstrap over seeds, or leave-one-out); across scales: power
@@ -37,7 +41,7 @@ SECONDS_PER_GFLOP = 0.035
 def _sweep_args(argv):
     parser = argparse.ArgumentParser(prog="hyperp-sweep", description="LR sweeps over scale ladders: plan, run "
                                      "locally a few processes at a time, or one run per SLURM array task.")
-    parser.add_argument("command", choices=("plan", "run", "run-one", "status"))
+    parser.add_argument("command", choices=("plan", "run", "run-one", "status", "archive"))
     parser.add_argument("--spec", required=True, help="sweep spec YAML (sweeps/science.yaml)")
     parser.add_argument("--results", default="runs/sweep", help="results folder (one subfolder per run)")
     parser.add_argument("--only", default="", help="comma-separated experiment names (default: all)")
@@ -50,6 +54,9 @@ def _sweep_args(argv):
                              "hyperp_megatron.train' for parallel layouts)")
     parser.add_argument("--save-checkpoints", action="store_true", help="keep each run's final checkpoint")
     parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads per training process")
+    parser.add_argument("--out", default=None, help="folder for runs_summary.jsonl and runs_archive.json (archive)")
+    parser.add_argument("--archive", default=None, help="the tar.gz of the run folders to write (archive; keep it "
+                        "outside the repository)")
     return parser.parse_args(argv)
 
 
@@ -72,6 +79,8 @@ def sweep_main(argv=None) -> int:
         return _plan(spec, runs)
     if args.command == "status":
         return _status(runs, results)
+    if args.command == "archive":
+        return _archive(spec, runs, results, args.out, args.archive)
     shared.mkdir(parents=True, exist_ok=True)
     if args.command == "run-one":
         if args.index is None or not 0 <= args.index < len(runs):
@@ -106,6 +115,24 @@ def _plan(spec, runs) -> int:
     return 0
 
 
+def _archive(spec, runs, results: Path, out: str | None, archive: str | None) -> int:
+    from hyperp_megatron.science import summary
+
+    if not out or not archive:
+        print("error: archive needs --out (the summary's folder) and --archive (the tar.gz to write)", file=sys.stderr)
+        return 2
+    if not results.is_dir():
+        print(f"error: results folder not found: {results}", file=sys.stderr)
+        return 2
+    path = summary.write_summary(spec, runs, results, out)
+    manifest = summary.write_archive(runs, results, archive)
+    manifest["command"] = (f"hyperp-sweep archive --spec {spec.path} --results RESULTS --out {out} "
+                           f"--archive {Path(archive).name}")
+    (Path(out) / summary.ARCHIVE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"wrote {path} ({manifest['runs']} runs) and {archive} (sha256 {manifest['sha256'][:16]}...)")
+    return 0
+
+
 def _status(runs, results) -> int:
     counts: dict[str, int] = {}
     for run in runs:
@@ -120,7 +147,7 @@ def fit_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hyperp-fit", description="Fit a sweep's results and write the report: "
                                      "REPORT.md, claims.json, optima.json and the plots.")
     parser.add_argument("--spec", required=True)
-    parser.add_argument("--results", required=True)
+    parser.add_argument("--results", required=True, help="the sweep's results folder, or its runs_summary.jsonl")
     parser.add_argument("--out", default="bench/results/science")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -128,8 +155,9 @@ def fit_main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not Path(args.results).is_dir():
-        print(f"error: results folder not found: {args.results}", file=sys.stderr)
+    if not Path(args.results).exists():
+        print(f"error: results not found: {args.results} (a sweep's results folder or its runs_summary.jsonl)",
+              file=sys.stderr)
         return 2
     analysis = report.analyze(spec, args.results)
     commands = {

@@ -5,9 +5,10 @@
   have several seeds, else leave-one-out (jackknife) over the window's points.
 - :func:`power_law`: ``log y = slope log x + intercept`` by weighted least squares (weights ``1/sd^2``, the
   covariance scaled by the reduced chi-square when that is above 1), e.g. the optimal LR against tokens.
-- :func:`compute_law` / :func:`joint_compute_law`: ``L = A C^-b + c`` (one method, or two methods sharing
-  ``b`` and ``c``), and :func:`compute_multiplier`: how much more compute method 2 needs than method 1 for the
-  same loss (``(A_2 / A_1)^(1/b)`` under the joint law; from two separate laws at a given compute).
+- :func:`equal_loss_points`: two methods' best-loss-vs-compute curves compared at equal loss (how much more
+  compute method 2 needs for method 1's loss) and at equal compute (the loss gap), by interpolating the
+  measured curves: no law is fitted (a parallel-curve law forces a constant multiplier, the data need not
+  have one) and nothing is extrapolated.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class OptimumFit:
     num_points: int
     num_seeds: int
     method: str  # "bootstrap-seeds", "jackknife" or "best-point"
-    at_edge: bool  # the best grid point is an end of the grid: the optimum may lie outside
+    at_edge: bool  # the optimum may lie outside the grid: the best point is an end of the grid, or the fitted
+    # vertex was clamped to an end of the grid (the quadratic's minimum lies beyond the last LR tried)
+    clamped: bool = False  # the vertex was clamped to an end of its fitting window (not a free minimum)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +65,14 @@ def _argmin(x: np.ndarray, means: np.ndarray, window: int) -> tuple[float, tuple
     a, b, _ = coefficients
     # the vertex, kept within the fitted range (a flat quadratic can put it anywhere)
     return float(np.clip(-b / (2 * a), x[part][0], x[part][-1])), coefficients, part
+
+
+def _vertex_clamped(coefficients: tuple | None, lo: float, hi: float) -> bool:
+    """Whether the quadratic's free vertex lies outside [lo, hi] (so the argmin was clamped to an end)."""
+    if coefficients is None:
+        return False
+    vertex = -coefficients[1] / (2 * coefficients[0])
+    return not lo <= vertex <= hi
 
 
 def fit_optimum(points: dict[float, list[float]], window: int = 5, bootstrap: int = 400,
@@ -106,11 +117,14 @@ def fit_optimum(points: dict[float, list[float]], window: int = 5, bootstrap: in
         method = "best-point"
     loss = float(np.polyval(coefficients, x_star)) if coefficients else float(means.min())
     best = int(np.argmin(means))
+    clamped = _vertex_clamped(coefficients, x[part][0], x[part][-1])
+    # the optimum may lie beyond the grid: the best point is an end, or the vertex was clamped to an end
+    beyond = clamped and (math.isclose(x_star, x[0]) or math.isclose(x_star, x[-1]))
     return OptimumFit(
         lr=math.exp(x_star), log_sd=log_sd, lr_low=math.exp(x_star - log_sd), lr_high=math.exp(x_star + log_sd),
         loss=loss, coefficients=tuple(coefficients) if coefficients else (0.0, 0.0, loss),
         window=(float(lrs[part][0]), float(lrs[part][-1])), num_points=part.stop - part.start,
-        num_seeds=num_seeds, method=method, at_edge=best in (0, len(lrs) - 1))
+        num_seeds=num_seeds, method=method, at_edge=best in (0, len(lrs) - 1) or beyond, clamped=clamped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,102 +164,49 @@ def power_law(x, y, log_sd=None, min_sd: float = 1e-3) -> PowerLaw:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss against compute
+# Two methods at equal loss (interpolated curves, no fitted law)
 
 
 @dataclass(frozen=True)
-class ComputeLaw:
-    """``L = A (C / C_ref)^-b + c``."""
+class EqualLossPoint:
+    """Method 1's point (compute, loss), and what method 2's curve gives there."""
 
-    A: float
-    b: float
-    c: float
-    c_ref: float
-
-    def __call__(self, compute):
-        return self.A * (np.asarray(compute, dtype=float) / self.c_ref) ** -self.b + self.c
-
-    def compute_for(self, loss: float) -> float:
-        """The compute at which this law reaches ``loss`` (inf when ``loss <= c``)."""
-        if loss <= self.c or self.A <= 0:
-            return math.inf
-        return self.c_ref * ((loss - self.c) / self.A) ** (-1 / self.b)
+    compute: float
+    loss: float
+    compute_2: float | None  # method 2's compute for the same loss (None outside its loss range)
+    multiplier: float | None  # compute_2 / compute: > 1 when method 1 needs less compute
+    loss_gap: float | None  # method 2's loss at the same compute minus method 1's (None outside its range)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-B_GRID = np.exp(np.linspace(np.log(0.01), np.log(3.0), 400))
+def _interpolate(x: np.ndarray, y: np.ndarray, at: float) -> float | None:
+    """Piecewise-linear y(at) over sorted x, None outside [x0, x-1] (no extrapolation)."""
+    if len(x) < 2 or not x[0] <= at <= x[-1]:
+        return None
+    return float(np.interp(at, x, y))
 
 
-def _best_over_b(design_for_b, losses: np.ndarray, nonneg_c: bool = True):
-    best = None
-    for b in B_GRID:
-        design = design_for_b(b)
-        coef, *_ = np.linalg.lstsq(design, losses, rcond=None)
-        if nonneg_c and coef[-1] < 0:
-            continue
-        error = float(np.sum((design @ coef - losses) ** 2))
-        if best is None or error < best[0]:
-            best = (error, b, coef)
-    if best is None:
-        raise ValueError("no L = A C^-b + c with c >= 0 fits these points")
-    return best
-
-
-def compute_law(compute, loss) -> ComputeLaw:
-    """Least squares ``L = A C^-b + c`` (b on a grid of 400 values in [0.01, 3], A and c linear, c >= 0)."""
-    compute, loss = np.asarray(compute, dtype=float), np.asarray(loss, dtype=float)
-    if len(compute) < 3:
-        raise ValueError("L = A C^-b + c needs 3 or more points")
-    ref = float(np.exp(np.mean(np.log(compute))))
-    _, b, (A, c) = _best_over_b(lambda b: np.stack([(compute / ref) ** -b, np.ones_like(compute)], 1), loss)
-    return ComputeLaw(float(A), float(b), float(c), ref)
-
-
-def joint_compute_law(compute_1, loss_1, compute_2, loss_2) -> tuple[ComputeLaw, ComputeLaw]:
-    """Two methods with a shared exponent ``b`` and floor ``c`` (their own ``A``): 2 + 2 parameters."""
-    c1, l1 = np.asarray(compute_1, dtype=float), np.asarray(loss_1, dtype=float)
-    c2, l2 = np.asarray(compute_2, dtype=float), np.asarray(loss_2, dtype=float)
-    if len(c1) + len(c2) < 5 or min(len(c1), len(c2)) < 2:
-        raise ValueError("a joint compute law needs 2+ points per method and 5+ in all")
-    ref = float(np.exp(np.mean(np.log(np.concatenate([c1, c2])))))
-
-    def design(b):
-        first = np.concatenate([(c1 / ref) ** -b, np.zeros_like(c2)])
-        second = np.concatenate([np.zeros_like(c1), (c2 / ref) ** -b])
-        return np.stack([first, second, np.ones(len(c1) + len(c2))], 1)
-
-    _, b, (A1, A2, c) = _best_over_b(design, np.concatenate([l1, l2]))
-    return ComputeLaw(float(A1), float(b), float(c), ref), ComputeLaw(float(A2), float(b), float(c), ref)
-
-
-def compute_multiplier(law_1: ComputeLaw, law_2: ComputeLaw, at_compute: float | None = None) -> float:
-    """Compute method 2 needs for method 1's loss, over method 1's compute: > 1 means method 1 is more
-    efficient. Shared ``b`` (joint law): the constant ``(A_2 / A_1)^(1/b)``. Otherwise at ``at_compute``:
-    ``at_compute / C_1(L_2(at_compute))`` (how much less compute method 1 needs for method 2's loss there)."""
-    if at_compute is None:
-        if not (law_1.b == law_2.b and law_1.c == law_2.c):
-            raise ValueError("compute_multiplier without at_compute needs a joint law (shared b and c)")
-        return (law_2.A / law_1.A) ** (1 / law_1.b)
-    return at_compute / law_1.compute_for(float(law_2(at_compute)))
-
-
-def bootstrap_multiplier(compute_1, loss_1, compute_2, loss_2, noise_sd: float, draws: int = 300,
-                         seed: int = 0) -> tuple[float, float, float]:
-    """(16th, 50th, 84th percentile) of the joint-law multiplier with each loss redrawn as
-    ``loss + N(0, noise_sd)`` (the seed noise of the base point)."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(draws):
-        l1 = np.asarray(loss_1) + rng.normal(0, noise_sd, len(loss_1))
-        l2 = np.asarray(loss_2) + rng.normal(0, noise_sd, len(loss_2))
-        try:
-            law_1, law_2 = joint_compute_law(compute_1, l1, compute_2, l2)
-        except ValueError:
-            continue
-        values.append(compute_multiplier(law_1, law_2))
-    if not values:
-        return (math.nan, math.nan, math.nan)
-    low, mid, high = np.percentile(values, [16, 50, 84])
-    return float(low), float(mid), float(high)
+def equal_loss_points(curve_1, curve_2) -> list[EqualLossPoint]:
+    """Each point of method 1's best-loss-vs-compute curve against method 2's, interpolated linearly in
+    (log compute, loss): the compute method 2 needs for method 1's loss (its curve must be monotone: the
+    decreasing envelope is used) and method 2's loss at method 1's compute. No law is fitted and nothing is
+    extrapolated: points outside method 2's range get None."""
+    c1 = sorted((float(c), float(l)) for c, l in curve_1)
+    c2 = sorted((float(c), float(l)) for c, l in curve_2)
+    log_c2 = np.log([c for c, _ in c2])
+    loss_2 = np.array([l for _, l in c2])
+    # method 2's frontier: the points that improve on every cheaper one (a strictly decreasing curve)
+    frontier = [i for i in range(len(loss_2)) if all(loss_2[i] < loss_2[j] for j in range(i))]
+    envelope, log_frontier = loss_2[frontier], log_c2[frontier]
+    out = []
+    for compute, loss in c1:
+        gap = _interpolate(log_c2, loss_2, math.log(compute))
+        compute_2 = None
+        # loss -> log compute on the decreasing envelope (reverse: np.interp needs increasing x)
+        if len(envelope) >= 2 and envelope[-1] <= loss <= envelope[0]:
+            compute_2 = float(np.exp(np.interp(loss, envelope[::-1], log_frontier[::-1])))
+        out.append(EqualLossPoint(compute, loss, compute_2, None if compute_2 is None else compute_2 / compute,
+                                  None if gap is None else gap - loss))
+    return out

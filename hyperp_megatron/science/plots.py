@@ -37,12 +37,12 @@ def _sweep_panel(ax, ladder, title: str, xlabel: str = "base LR") -> None:
                 xs = np.linspace(math.log(o.window[0]), math.log(o.window[1]), 50)
                 ax.plot(np.exp(xs), np.polyval(o.coefficients, xs), color=color, lw=0.8, ls="--")
             ax.plot([o.lr], [o.loss], marker="*", ms=12, color=color, mec="black", mew=0.5)
-    ax.set_xscale("log")
-    _no_minor_labels(ax)
+    log_axis(ax, "x")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final validation loss")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     _clip_y(ax, ladder)
 
 
@@ -56,11 +56,17 @@ def _clip_y(ax, ladder) -> None:
         ax.set_ylim(low - margin, high + margin)
 
 
-def _no_minor_labels(ax) -> None:
-    from matplotlib.ticker import NullFormatter
+def log_axis(ax, axis: str = "x") -> None:
+    """A readable log axis: log scale, ticks at 1-2-5 of every decade labelled with plain numbers (a range
+    inside one decade, like an LR grid 0.035-0.28, still gets several labels), unlabelled minor ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    target.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    target.set_minor_formatter(NullFormatter())
 
 
 def _colors(n: int):
@@ -88,9 +94,8 @@ def _optima_panel(ax, ladders: dict, xlabel: str, reference_slope: float | None 
             grid = np.geomspace(xs.min(), xs.max(), 20)
             ref = anchor * (grid / np.exp(np.mean(np.log(xs)))) ** reference_slope
             ax.plot(grid, ref, color="gray", ls=":", label=f"paper slope {reference_slope:+.2f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    _no_minor_labels(ax)
+    log_axis(ax, "x")
+    log_axis(ax, "y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("optimal LR")
     ax.legend(fontsize=7)
@@ -136,13 +141,27 @@ def write_all(analysis, out_dir: Path) -> dict[str, list[str]]:
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
         ladder = actual_ladder_of(analysis, "tokens")
         _sweep_panel(axes[0], ladder, "token budgets", xlabel="peak LR")
-        _optima_panel(axes[1], {"hyperp": ladder}, "training tokens", reference_slope=-0.32)
+        _optima_panel(axes[1], {"hyperp": ladder}, "training tokens", reference_slope=C.PAPER_TOKEN_EXPONENT)
         add(["token_law"], _save(fig, out_dir, "tokens_lr.png"))
     if "weight_decay" in names:
         fig, ax = plt.subplots(figsize=(4.6, 3.6))
         _sweep_panel(ax, [(i, s) for i, (_, s) in enumerate(sorted(analysis.sweeps["weight_decay"].items()))],
                      "weight decay on the sphere (3 seeds, mean +- sd)")
         add(["weight_decay"], _save(fig, out_dir, "weight_decay.png"))
+    _ladder_pair_figure(analysis, out_dir, add, plt,
+                        [("width", "hyperp", "width, output std 0.02"),
+                         ("width_capacity", "hyperp", "width, constant capacity")],
+                        ["capacity", "transfer"], "capacity_width.png", "width C")
+    _ladder_pair_figure(analysis, out_dir, add, plt,
+                        [("depth_fixed_width", "hyperp", "depth at C64: Depth-muP"),
+                         ("depth_fixed_width", "no_depth_mup", "depth at C64: no Depth-muP")],
+                        ["transfer", "depth_mup"], "depth_fixed_width.png", "depth d (C = 64)")
+    _ladder_pair_figure(analysis, out_dir, add, plt, [("tokens_capacity", "hyperp", "tokens, constant capacity")],
+                        ["token_law"], "tokens_capacity.png", "training tokens", x="actual")
+    if "muon_fair" in names:
+        fig, ax = plt.subplots(figsize=(4.6, 3.6))
+        _sweep_panel(ax, ladder_of(analysis, "muon_fair", "muon"), "fair Muon baseline (wd 0)")
+        add(["compute"], _save(fig, out_dir, "muon_fair_lr.png"))
     if "moe" in names:
         _moe_figures(analysis, out_dir, add, plt)
     if "tokens" in names or "batch" in names:
@@ -164,7 +183,7 @@ def _stability_figure(analysis, out_dir, add, plt) -> None:
             pts = sorted((flops[s], v) for s, v in values.items() if v is not None and s in flops)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        ax.set_xscale("log")
+        log_axis(ax, "x")
         ax.set_xlabel("training FLOPs")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
@@ -175,25 +194,38 @@ def _compute_figure(analysis, out_dir, add, plt) -> None:
     verdict = analysis.verdicts.get("compute")
     if verdict is None or not verdict.details.get("hyperp"):
         return
-    from hyperp_megatron.science.fit import ComputeLaw
-
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    for method in ("hyperp", "muon"):
-        pts = verdict.details.get(method) or []
-        if not pts:
-            continue
-        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="none", label=method)
-        law = verdict.details.get(f"law_{method}")
-        if law:
-            grid = np.geomspace(min(p[0] for p in pts) / 1.5, max(p[0] for p in pts) * 1.5, 50)
-            ax.plot(grid, ComputeLaw(**law)(grid), color=line[0].get_color(), lw=1)
-    ax.set_xscale("log")
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    curves = {"hyperp": verdict.details["hyperp"]}
+    for label, details in (verdict.details.get("baselines") or {}).items():
+        if details.get("muon"):
+            curves[label] = details["muon"]
+    for (label, pts), marker in zip(curves.items(), "osD^"):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, lw=1, label=label)  # interpolated curve
+    log_axis(ax, "x")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("best final validation loss")
-    title = "" if verdict.measured is None else f"compute multiplier {verdict.measured:.2f}"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title("best loss per scale (lines: the interpolation compared)", fontsize=9)
+    ax.legend(fontsize=6)
     add(["compute"], _save(fig, out_dir, "loss_vs_flops.png"))
+
+
+def _ladder_pair_figure(analysis, out_dir, add, plt, pairs, claims, name, xlabel, x="base") -> None:
+    """Sweeps of each ladder in ``pairs`` ((experiment, variant, title)), then their optima on one panel."""
+    from hyperp_megatron.science.ladders import actual_ladder_of
+
+    names = {e.name for e in analysis.spec.experiments}
+    pairs = [p for p in pairs if p[0] in names]
+    if not pairs:
+        return
+    ladders = {title: (actual_ladder_of(analysis, e) if x == "actual" else ladder_of(analysis, e, v))
+               for e, v, title in pairs}
+    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(4.2 * (len(pairs) + 1), 3.6), squeeze=False)
+    for ax, (title, ladder) in zip(axes[0], ladders.items()):
+        _sweep_panel(ax, ladder, title, xlabel="peak LR" if x == "actual" else "base LR")
+    _optima_panel(axes[0][-1], ladders, xlabel,
+                  reference_slope=C.PAPER_TOKEN_EXPONENT if "token_law" in claims else None)
+    add(claims, _save(fig, out_dir, name))
 
 
 def _moe_figures(analysis, out_dir, add, plt) -> None:
@@ -210,7 +242,7 @@ def _moe_figures(analysis, out_dir, add, plt) -> None:
         pts = [(k, r.run.monitors.get("mlp_rms")) for k, r in pts if r is not None and r.run.monitors.get("mlp_rms")]
         if pts:
             axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=gate)
-    axes[1].set_xscale("log")
+    log_axis(axes[1], "x")
     axes[1].set_xlabel("granularity k")
     axes[1].set_ylabel("MoE branch output RMS (final, best LR)")
     axes[1].legend(fontsize=7)
@@ -231,8 +263,7 @@ def _norm_figure(analysis, out_dir, add, plt, experiments) -> None:
             value = C.norm_at_optimum(sweep, "output_rms_inf")
             if value is not None:
                 ax.plot([sweep.optimum.lr], [value], marker="*", ms=12, color=color, mec="black", mew=0.5)
-        ax.set_xscale("log")
-        _no_minor_labels(ax)
+        log_axis(ax, "x")
         ax.set_xlabel("base LR")
         ax.set_ylabel("output layer RMS->inf norm (final)")
         ax.set_title(f"{experiment}: optimum starred", fontsize=9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -15,16 +16,31 @@ from hyperp_megatron.science.ladders import actual_ladder_of, ladder_of
 from hyperp_megatron.science.results import collect, completeness, experiment_rows
 from hyperp_megatron.science.sweep import Spec, plan
 
-CLAIM_ORDER = ("transfer", "token_law", "depth_mup", "weight_decay", "sqrt_gate", "stability", "compute",
+CLAIM_ORDER = ("capacity", "transfer", "token_law", "depth_mup", "weight_decay", "sqrt_gate", "stability", "compute",
                "norm_transfer")
-CLAIM_TITLES = {"transfer": "1. One base LR transfers across depth and width",
-                "token_law": "2. The optimal LR falls with tokens as T^-0.32",
+CLAIM_TITLES = {"capacity": "Mechanism. The output layer's logit capacity drives the small-width LR drift",
+                "transfer": "1. One base LR transfers across depth and width",
+                "token_law": f"2. The optimal LR falls with tokens as T^{C.PAPER_TOKEN_EXPONENT}",
                 "depth_mup": "3. Without Depth-muP the optimum drifts with depth",
                 "weight_decay": "4. Weight decay changes nothing to first order on the sphere",
                 "sqrt_gate": "5. SqrtGate keeps MoE output RMS and the optimal LR stable across k",
                 "stability": "6. Z values, output RMS and outliers stay bounded as scale grows",
                 "compute": "7. HyperP beats the Muon baseline at equal compute",
                 "norm_transfer": "Issue 17. Optimal (LR, batch) pairs share one output-layer norm"}
+# (experiment, variant, label) of each ladder, the unconfounded ones (issue 24) first: a verdict is judged on
+# the first ones that have 2 or more fitted scales, the others are reported beside it
+WIDTH_LADDERS = (("width_capacity", "hyperp", "width at constant logit capacity"),
+                 ("width", "hyperp", "width at the reference output std 0.02"))
+DEPTH_LADDERS = (("depth_fixed_width", "hyperp", "depth at fixed width C64"),
+                 ("depth", "hyperp", "depth with width tied to it (C = 16 d)"))
+NO_DEPTH_MUP_LADDERS = (("depth_fixed_width", "no_depth_mup", "depth at fixed width C64"),
+                        ("depth", "no_depth_mup", "depth with width tied to it (C = 16 d)"))
+TOKEN_LADDERS = (("tokens_capacity", "hyperp", "constant-capacity base (output std 0.04)"),
+                 ("tokens", "hyperp", "reference base (output std 0.02)"))
+MUON_LADDERS = (("muon_fair", "muon", "fair Muon baseline (wd 0, 64x LR grid)"),
+                ("depth", "muon", "reference Muon baseline (independent wd 0.1)"))
+NOISE_SWEEPS = {"reference base": ("weight_decay", "wd0", "base"), "constant-capacity base": ("seeds_capacity", "hyperp", "base"),
+                "Muon base": ("seeds_muon", "muon", "base")}
 
 
 @dataclass
@@ -37,38 +53,50 @@ class Analysis:
     sweeps: dict = field(default_factory=dict)  # experiment -> {(variant, scale): Sweep}
     verdicts: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    noise: dict = field(default_factory=dict)  # label -> seed sd of the final loss at that base point
 
 
 def analyze(spec: Spec, results_dir: str | Path) -> Analysis:
+    """Every sweep's fit and every verdict the (possibly partial) results allow. ``results_dir``: the results
+    folder or its ``runs_summary.jsonl``."""
     runs = plan(spec)
     analysis = Analysis(spec, Path(results_dir), runs, collect(spec, results_dir, runs))
     for experiment in spec.experiments:
         rows = experiment_rows(spec, experiment.name, runs, analysis.results)
         analysis.rows[experiment.name] = rows
         analysis.sweeps[experiment.name] = C.sweeps(experiment.name, rows)
+    adopt_seeded_sweeps(analysis)
     names = {e.name for e in spec.experiments}
+    for label, (experiment, variant, scale) in NOISE_SWEEPS.items():
+        value = C.noise_of(analysis.sweeps.get(experiment, {}).get((variant, scale)))
+        if value is not None:
+            analysis.noise[label] = value
+    analysis.notes.append("seed noise of the final validation loss (median sd over LRs, 3 seeds): " + (
+        ", ".join(f"{k} {v:.4f} nats" for k, v in analysis.noise.items()) or "n/a"))
+    noise = max(analysis.noise.values(), default=None)
     rows_of = lambda *exps: [r for e in exps if e in names for r in analysis.rows[e]]  # noqa: E731
-    wd = analysis.sweeps.get("weight_decay", {})
-    noise = C.noise_of(wd.get(("wd0", "base")))
-    analysis.notes.append(f"seed noise of the final validation loss at the base point: "
-                          f"{'n/a' if noise is None else f'{noise:.4f} nats (median sd over LRs, 3 seeds)'}")
     v = analysis.verdicts
-    if "depth" in names or "width" in names:
-        parts = [C.slope_verdict("transfer", C.slope_across(ladder_of(analysis, e, "hyperp")),
-                                 C._edges(ladder_of(analysis, e, "hyperp")), analysis.rows[e], flat=True,
-                                 paper=C.PAPER["transfer"]) for e in ("depth", "width") if e in names]
-        v["transfer"] = _combine("transfer", parts, ("depth", "width"))
-    if "tokens" in names:
-        ladder = actual_ladder_of(analysis, "tokens")
-        v["token_law"] = _token_verdict(ladder, analysis.rows["tokens"])
+    if "width" in names and "width_capacity" in names:
+        v["capacity"] = capacity_verdict(analysis)
+    transfer = [_ladder_verdict(analysis, "transfer", ladder, flat=True) for ladder in WIDTH_LADDERS + DEPTH_LADDERS
+                if ladder[0] in names]
+    if transfer:
+        v["transfer"] = _judged_on(analysis, "transfer", transfer, groups=(WIDTH_LADDERS, DEPTH_LADDERS))
+    tokens = [_token_verdict(analysis, ladder) for ladder in TOKEN_LADDERS if ladder[0] in names]
+    if tokens:
+        v["token_law"] = _judged_on(analysis, "token_law", tokens, groups=(TOKEN_LADDERS,))
+    depth = [_ladder_verdict(analysis, "depth_mup", ladder, flat=False, expected=C.DEPTH_MUP_SLOPE)
+             for ladder in NO_DEPTH_MUP_LADDERS if ladder[0] in names]
+    if depth:
+        v["depth_mup"] = _judged_on(analysis, "depth_mup", depth, groups=(NO_DEPTH_MUP_LADDERS,))
     if "depth" in names:
-        ladder = ladder_of(analysis, "depth", "no_depth_mup")
-        v["depth_mup"] = C.slope_verdict("depth_mup", C.slope_across(ladder), C._edges(ladder),
-                                         analysis.rows["depth"], flat=False, expected=-0.5, paper=C.PAPER["depth_mup"])
         v["stability"] = C.stability_verdict(ladder_of(analysis, "depth", "hyperp"), analysis.rows["depth"])
-        v["compute"] = C.compute_verdict(ladder_of(analysis, "depth", "hyperp"), ladder_of(analysis, "depth", "muon"),
-                                         analysis.rows["depth"], noise)
+        compute = [(label, C.compute_verdict(ladder_of(analysis, "depth", "hyperp"), ladder_of(analysis, e, variant),
+                                             rows_of("depth", e), noise))
+                   for e, variant, label in MUON_LADDERS if e in names]
+        v["compute"] = _compute_judged_on(compute)
     if "weight_decay" in names:
+        wd = analysis.sweeps["weight_decay"]
         v["weight_decay"] = C.weight_decay_verdict(wd.get(("wd0", "base")), wd.get(("wd0.1", "base")),
                                                    analysis.rows["weight_decay"])
     if "moe" in names:
@@ -79,29 +107,117 @@ def analyze(spec: Spec, results_dir: str | Path) -> Analysis:
     return analysis
 
 
-def _combine(claim: str, parts: list, labels) -> C.Verdict:
-    verdicts = [p.verdict for p in parts]
+def adopt_seeded_sweeps(analysis: Analysis) -> None:
+    """A ladder's sweep whose runs are all in a seed experiment's sweep (claims: noise) with more runs (its
+    other seeds) is replaced by that sweep, refitted: the base points of the ladders get their 3 seeds."""
+    seeded = [s for e in analysis.spec.experiments if "noise" in e.claims for s in analysis.sweeps[e.name].values()]
+    for experiment, by_key in analysis.sweeps.items():
+        for key, sweep in list(by_key.items()):
+            keys = {r.run.key for r in sweep.rows}
+            supersets = [s for s in seeded if s is not sweep and keys < {r.run.key for r in s.rows}]
+            if supersets:
+                best = max(supersets, key=lambda s: len(s.rows))
+                rows = [dataclasses.replace(r, variant=sweep.variant, scale=sweep.scale) for r in best.rows]
+                by_key[key] = C.Sweep(experiment, sweep.variant, sweep.scale, best.points, best.optimum, rows,
+                                      best.error)
+
+
+def _ladder_verdict(analysis: Analysis, claim: str, ladder: tuple, **kwargs) -> tuple[tuple, C.Verdict]:
+    experiment, variant, _ = ladder
+    items = ladder_of(analysis, experiment, variant)
+    return ladder, C.slope_verdict(claim, C.slope_across(items), C._edges(items), analysis.rows[experiment],
+                                   paper=C.PAPER[claim], **kwargs)
+
+
+def _judged_on(analysis: Analysis, claim: str, parts: list, groups) -> C.Verdict:
+    """One verdict from several ladders: per group (e.g. width, depth), the first ladder with a fitted slope
+    (the unconfounded one when it has results); the others are reported beside it."""
+    by_ladder = {ladder: verdict for ladder, verdict in parts}
+    judged = []
+    for group in groups:
+        present = [ladder for ladder in group if ladder in by_ladder]
+        usable = [ladder for ladder in present if by_ladder[ladder].measured is not None]
+        if usable or present:
+            judged.append((usable or present)[0])
+    verdicts = [by_ladder[ladder].verdict for ladder in judged]
     verdict = C.FAILS if C.FAILS in verdicts else C.HOLDS if verdicts and all(x == C.HOLDS for x in verdicts) \
         else C.OPEN
-    why = "; ".join(f"{label}: {p.verdict}, {p.why}" for label, p in zip(labels, parts))
-    return C.Verdict(claim, verdict, {l: p.measured for l, p in zip(labels, parts)},
-                     {l: p.uncertainty for l, p in zip(labels, parts)}, C.PAPER[claim],
-                     parts[0].rule if parts else "", why)
+    why = "; ".join(f"judged on {ladder[2]}: {by_ladder[ladder].verdict}, {by_ladder[ladder].why}" for ladder in judged)
+    others = [ladder for ladder, _ in parts if ladder not in judged]
+    if others:
+        why += "; beside it: " + "; ".join(f"{ladder[2]}: {by_ladder[ladder].why}" for ladder in others)
+    return C.Verdict(claim, verdict, {ladder[2]: by_ladder[ladder].measured for ladder, _ in parts},
+                     {ladder[2]: by_ladder[ladder].uncertainty for ladder, _ in parts}, C.PAPER[claim],
+                     by_ladder[judged[0]].rule if judged else "", why,
+                     {"judged_on": [ladder[2] for ladder in judged]})
 
 
-def _token_verdict(ladder, rows) -> C.Verdict:
-    law = C.slope_across(ladder)
-    rule = "holds if |exponent + 0.32| <= 2 sd with sd <= 0.15; does not hold if |exponent + 0.32| > 2 sd"
+def _token_verdict(analysis: Analysis, ladder: tuple) -> tuple[tuple, C.Verdict]:
+    experiment = ladder[0]
+    items = actual_ladder_of(analysis, experiment)
+    rows = analysis.rows[experiment]
+    law = C.slope_across(items)
+    paper = C.PAPER_TOKEN_EXPONENT
+    rule = (f"holds if |exponent - ({paper})| <= 2 sd with sd <= 0.15; does not hold if |exponent - ({paper})| > "
+            f"2 sd")
     if law is None:
-        return C.Verdict("token_law", C.OPEN, None, None, -0.32, rule,
-                         "fewer than 2 budgets fitted" + C._incomplete(rows))
+        return ladder, C.Verdict("token_law", C.OPEN, None, None, paper, rule,
+                                 "fewer than 2 budgets fitted" + C._incomplete(rows))
     m, sd = law.slope, law.slope_sd
-    verdict = C.HOLDS if abs(m + 0.32) <= 2 * sd and sd <= 0.15 else C.FAILS if abs(m + 0.32) > 2 * sd else C.OPEN
-    edges = C._edges(ladder)
+    verdict = C.HOLDS if abs(m - paper) <= 2 * sd and sd <= 0.15 else C.FAILS if abs(m - paper) > 2 * sd else C.OPEN
+    edges = C._edges(items)
     why = f"exponent {m:+.3f} +- {sd:.3f} over {law.num_points} budgets"
     if edges and verdict != C.FAILS:
         verdict, why = C.OPEN, why + f"; best LR at the grid edge at {edges}"
-    return C.Verdict("token_law", verdict, m, sd, -0.32, rule, why + C._incomplete(rows))
+    return ladder, C.Verdict("token_law", verdict, m, sd, paper, rule, why + C._incomplete(rows))
+
+
+def _compute_judged_on(parts: list[tuple[str, C.Verdict]]) -> C.Verdict:
+    """Claim 7 judged on the fair baseline when it has results, the reference baseline reported beside it."""
+    usable = [(label, v) for label, v in parts if v.measured is not None]
+    label, judged = (usable or parts)[0]
+    why = f"judged on the {label}: {judged.why}"
+    why += "".join(f"; beside it, the {other}: {v.why}" for other, v in parts if other != label)
+    details = {**judged.details, "baselines": {other: v.details for other, v in parts}, "judged_on": label}
+    return C.Verdict("compute", judged.verdict, judged.measured, judged.uncertainty, judged.paper, judged.rule, why,
+                     details)
+
+
+def capacity_verdict(analysis: Analysis) -> C.Verdict:
+    """The width ladder at the reference output std against the one at constant logit capacity: the optimum's
+    slope in C and the best loss per width. Holds if the constant-capacity slope is flat (the transfer rule)
+    and the reference slope is not; does not hold if the two slopes agree within 2 combined sd."""
+    reference = ladder_of(analysis, "width", "hyperp")
+    constant = ladder_of(analysis, "width_capacity", "hyperp")
+    law_ref, law_cap = C.slope_across(reference), C.slope_across(constant)
+    rows = analysis.rows["width_capacity"]
+    rule = ("slopes of log(base LR*) against log(C): holds if the constant-capacity slope is flat (|slope| <= "
+            "max(2 sd, 0.1)) while the reference one is not; does not hold if the two agree within 2 combined sd")
+    losses = {}
+    by_scale = {sweep.scale: sweep for _, sweep in constant}
+    for _, ref in reference:
+        cap = by_scale.get(ref.scale)
+        if cap is not None and ref.optimum and cap.optimum:
+            losses[ref.scale] = {"reference": ref.optimum.loss, "constant_capacity": cap.optimum.loss,
+                                 "lr_reference": ref.optimum.lr, "lr_constant_capacity": cap.optimum.lr}
+    details = {"per_width": losses, "slope_reference": law_ref.to_dict() if law_ref else None,
+               "slope_constant_capacity": law_cap.to_dict() if law_cap else None}
+    if law_ref is None or law_cap is None:
+        return C.Verdict("capacity", C.OPEN, None, None, "(not a paper claim)", rule,
+                         "fewer than 2 widths fitted in a ladder" + C._incomplete(rows), details)
+    flat = abs(law_cap.slope) <= max(2 * law_cap.slope_sd, 0.1)
+    ref_flat = abs(law_ref.slope) <= max(2 * law_ref.slope_sd, 0.1)
+    same = abs(law_cap.slope - law_ref.slope) <= 2 * math.hypot(law_cap.slope_sd, law_ref.slope_sd)
+    verdict = C.HOLDS if flat and not ref_flat else C.FAILS if same else C.OPEN
+    why = (f"slope of the optimum in C: reference std {law_ref.slope:+.3f} +- {law_ref.slope_sd:.3f}, constant "
+           f"capacity {law_cap.slope:+.3f} +- {law_cap.slope_sd:.3f}; best loss (reference -> constant capacity): "
+           + ", ".join(f"{k} {v['reference']:.3f} -> {v['constant_capacity']:.3f}" for k, v in losses.items()))
+    edges = C._edges(constant)
+    if edges and verdict == C.HOLDS:
+        verdict, why = C.OPEN, why + f"; best LR at the grid edge at {edges}"
+    return C.Verdict("capacity", verdict, {"reference": law_ref.slope, "constant_capacity": law_cap.slope},
+                     {"reference": law_ref.slope_sd, "constant_capacity": law_cap.slope_sd}, "(not a paper claim)",
+                     rule, why + C._incomplete(rows), details)
 
 
 def _sqrt_gate_verdict(analysis: Analysis) -> C.Verdict:
@@ -181,7 +297,7 @@ def optima_table(analysis: Analysis) -> list[dict]:
 
 def write(analysis: Analysis, out_dir: str | Path, commands: dict) -> Path:
     """REPORT.md, claims.json, optima.json and the PNGs into ``out_dir``; returns the report's path."""
-    from hyperp_megatron.science import plots
+    from hyperp_megatron.science import narrative, plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +307,7 @@ def write(analysis: Analysis, out_dir: str | Path, commands: dict) -> Path:
     table = optima_table(analysis)
     (out_dir / "optima.json").write_text(json.dumps(table, indent=1, default=_json_default))
     report = out_dir / "REPORT.md"
-    report.write_text(_markdown(analysis, claims, table, figures, commands))
+    report.write_text(narrative.markdown(analysis, claims, table, figures, commands))
     return report
 
 
@@ -201,61 +317,3 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     return str(value)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_fmt(v) for v in value) + ")"
-    return str(value)
-
-
-def _markdown(analysis: Analysis, claims: dict, table: list[dict], figures: dict, commands: dict) -> str:
-    spec = analysis.spec
-    lines = ["# HyperP's claims at the scale of two CPU cores", "",
-             f"Generated {claims['generated']} from {claims['runs_finished']} of {claims['runs_planned']} planned "
-             f"runs (`{spec.path}`; base config `{spec.base_config}`). Every number below comes from the run folders "
-             "by `hyperp-fit`; a partial sweep gives a partial report (each verdict names missing runs).",
-             "", "## Verdicts", "", "| claim | measured | uncertainty | paper | verdict |", "|---|---|---|---|---|"]
-    for claim, body in claims["claims"].items():
-        lines.append(f"| {body['title']} | {_fmt(body['measured'])} | {_fmt(body['uncertainty'])} | "
-                     f"{_fmt(body['paper'])} | **{body['verdict']}** |")
-    lines += ["", "## How it was run", "", "```bash", *[f"{cmd}  # {what}" for what, cmd in commands.items()],
-              "```", "",
-              "Setup: " + "; ".join(analysis.notes), "",
-              "Experiments (each run: the base config plus these overrides; grids of base LRs "
-              "`center * factor^k`):", ""]
-    for experiment in spec.experiments:
-        variants = ", ".join(f"{v.name} (grid {v.lr_grid.values()[0]:g}..{v.lr_grid.values()[-1]:g}, "
-                             f"{v.lr_grid.points} points{', ' + str(v.overrides) if v.overrides else ''})"
-                             for v in experiment.variants)
-        scales = ", ".join(f"{name} {o or '(base)'}" for name, o in experiment.scales.items())
-        lines.append(f"- **{experiment.name}** (claims {', '.join(experiment.claims)}; seeds "
-                     f"{list(experiment.seeds)}{'; common ' + str(experiment.common) if experiment.common else ''}): "
-                     f"scales {scales}; variants {variants}")
-    for claim, body in claims["claims"].items():
-        lines += ["", f"## {body['title']}", "", f"**{body['verdict']}**: {body['why']}", "",
-                  f"Rule: {body['rule']}.", ""]
-        for name in figures.get(claim, []):
-            lines.append(f"![{name}]({name})")
-        if body.get("details"):
-            lines += ["", "<details><summary>details</summary>", "", "```json",
-                      json.dumps(body["details"], indent=1, default=_json_default)[:6000], "```", "</details>"]
-    lines += ["", "## Every fitted optimum", "",
-              "| experiment | variant | scale | runs | base LR* (1 sd band) | loss at LR* | fit | seeds "
-              "| at grid edge |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for row in table:
-        band = row["lr_band"]
-        lines.append(f"| {row['experiment']} | {row['variant']} | {row['scale']} | {row['runs']} | "
-                     f"{_fmt(row['lr_opt'])} ({_fmt(band[0]) if band else '-'}-{_fmt(band[1]) if band else '-'}) | "
-                     f"{_fmt(row['loss_opt'])} | {row['method']} | {_fmt(row['seeds'])} | {_fmt(row['at_edge'])} |")
-    lines += ["", "Fits: quadratic in log(LR) over the 5 grid points around the best one (argmin kept inside them); "
-              "uncertainty = bootstrap over seeds (3 seeds) or leave-one-out over the points (1 seed). Slopes: "
-              "weighted least squares in log-log, errors scaled by the reduced chi-square when above 1.", ""]
-    return "\n".join(lines)

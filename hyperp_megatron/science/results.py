@@ -78,9 +78,13 @@ def _derived(folder: Path) -> dict:
 
 
 def collect(spec: Spec, results: str | Path, runs: list[SweepRun] | None = None) -> dict[str, RunResult]:
-    """key -> RunResult for every planned run (``pending`` when it has not finished)."""
+    """key -> RunResult for every planned run (``pending`` when it has not finished). ``results``: the sweep's
+    results folder, or its summary file (``runs_summary.jsonl``, :func:`read_summary`)."""
+    runs = runs if runs is not None else plan(spec)
+    if Path(results).is_file():
+        return read_summary(results, runs)
     out = {}
-    for run in runs if runs is not None else plan(spec):
+    for run in runs:
         folder = run_dir(Path(results), run)
         status = read_status(folder)
         if status is None:
@@ -93,6 +97,28 @@ def collect(spec: Spec, results: str | Path, runs: list[SweepRun] | None = None)
                                  derived.get("flops"), derived.get("tokens"), derived.get("num_params"),
                                  derived.get("batch_tokens"), _last_monitor_record(folder / "metrics.jsonl"),
                                  status.get("wall_s"), config or {})
+    return out
+
+
+def read_summary(path: str | Path, runs: list[SweepRun]) -> dict:
+    """key -> RunResult for every planned run from a summary file (``runs_summary.jsonl``, science/summary.py) (``pending`` when it has no record)."""
+    records = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{number}: not a JSON line (regenerate it with hyperp-sweep archive)") from None
+            records[record["key"]] = record
+    out = {}
+    for run in runs:
+        r = records.get(run.key)
+        if r is None:
+            out[run.key] = RunResult(run.key, "pending", None, None, None, None, None, None)
+            continue
+        out[run.key] = RunResult(run.key, r["status"], r["val_loss"], r["lr"], r["flops"], r["tokens"],
+                                 r["num_params"], r["batch_tokens"], r.get("monitors") or {}, r.get("wall_s"),
+                                 r.get("config") or {})
     return out
 
 

@@ -44,19 +44,21 @@ FINISHED = ("done", "diverged")
 
 @dataclass(frozen=True)
 class LRGrid:
-    """``points`` values ``center * factor^k``, k symmetric around 0, rounded to 6 significant digits."""
+    """``points`` values ``center * factor^k``, k symmetric around 0, rounded to 6 significant digits, and
+    ``below`` more under them (extending a grid downwards keeps its values, hence its runs)."""
 
     center: float
     factor: float = 2.0
     points: int = 5
+    below: int = 0
 
     def __post_init__(self):
-        if not (self.center > 0 and self.factor > 1 and self.points >= 1):
-            raise ValueError(f"lr_grid needs center > 0, factor > 1 and points >= 1, got {self}")
+        if not (self.center > 0 and self.factor > 1 and self.points >= 1 and self.below >= 0):
+            raise ValueError(f"lr_grid needs center > 0, factor > 1, points >= 1 and below >= 0, got {self}")
 
     def values(self) -> list[float]:
         half = (self.points - 1) / 2
-        return [float(f"{self.center * self.factor ** (k - half):.6g}") for k in range(self.points)]
+        return [float(f"{self.center * self.factor ** (k - half):.6g}") for k in range(-self.below, self.points)]
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,15 @@ class Spec:
 
 def _grid(raw: dict | None, default: LRGrid | None, where: str) -> LRGrid:
     raw = dict(raw or {})
-    unknown = set(raw) - {"center", "factor", "points"}
+    unknown = set(raw) - {"center", "factor", "points", "below"}
     if unknown:
-        raise ValueError(f"{where}: unknown lr_grid keys {sorted(unknown)} (center, factor, points)")
+        raise ValueError(f"{where}: unknown lr_grid keys {sorted(unknown)} (center, factor, points, below)")
+    typed = {k: int(v) if k in ("points", "below") else float(v) for k, v in raw.items()}
     if default is None:
         if "center" not in raw:
             raise ValueError(f"{where}: lr_grid needs a center")
-        return LRGrid(**{k: float(v) if k != "points" else int(v) for k, v in raw.items()})
-    return dataclasses.replace(default, **{k: float(v) if k != "points" else int(v) for k, v in raw.items()})
+        return LRGrid(**typed)
+    return dataclasses.replace(default, **typed)
 
 
 def _experiment(raw: dict, index: int) -> Experiment:

@@ -96,8 +96,8 @@ class HyperPConfig(PreTrainedConfig):
                  max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters=None, qk_norm=True,
                  attention_gate=None, attention_softmax_scale=None, residual_multiplier=1.0, logit_multiplier=1.0,
                  num_experts=0, num_experts_per_tok=1, moe_intermediate_size=0, shared_expert_intermediate_size=0,
-                 shared_expert_scale=1.0, router_gate="sqrt", initializer_range=0.02, use_cache=True,
-                 tie_word_embeddings=False, attention_dropout=0.0, **kwargs):
+                 shared_expert_scale=1.0, router_gate="sqrt", initializer_range=0.02, output_initializer_range=0.02,
+                 use_cache=True, tie_word_embeddings=False, attention_dropout=0.0, **kwargs):
         if attention_gate not in (None, "per_head"):
             raise ValueError(f"attention_gate must be None or 'per_head', got {attention_gate!r}")
         if router_gate not in ("sqrt", "plain"):
@@ -115,6 +115,7 @@ class HyperPConfig(PreTrainedConfig):
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.shared_expert_scale, self.router_gate = shared_expert_scale, router_gate
         self.initializer_range, self.use_cache, self.attention_dropout = initializer_range, use_cache, attention_dropout
+        self.output_initializer_range = output_initializer_range  # lm_head's init std (model.output_init_std)
         self.attention_bias = False
         self.sliding_window = None
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -235,6 +236,8 @@ class HyperPPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HyperPRouter):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif module is getattr(self, "lm_head", None):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.output_initializer_range)
 
 
 class HyperPModel(HyperPPreTrainedModel):
