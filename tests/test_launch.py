@@ -159,7 +159,7 @@ def test_slurm_multinode_runs_each_node_in_the_apptainer_image(slurm_cluster: Sl
     info = wait_finished(slurm_cluster, job_id, tmp_path)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_logs(tmp_path)
     assert_world(read_results(run_dir, 2), 2, "torchrun")
-    calls = [line for line in log.read_text().splitlines() if line.startswith("exec ")]  # the command spans lines
+    calls = [line for line in log.read_text().splitlines() if line.startswith("exec --")]  # the command spans lines
     assert calls == [f"exec --nv --bind {REPO} --pwd {REPO} {image} bash -c "] * 2, calls
 
 
