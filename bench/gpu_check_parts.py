@@ -143,7 +143,7 @@ def _d8_overrides(check, name: str, optimizer: str, moe: bool, seq: int = 2048, 
         model = dict(SMALL_MODEL, **({"moe": SMALL_MOE} if moe else {}))
         train = {"micro_batch_size": 2, "global_batch_size": 2 if moe else 4, "steps": 2}
     else:
-        # Default: 32 x 2048 = 65,536 tokens per dense step (MoE: 8 x 2048), as measured in shared/GPU.md.
+        # Default: 32 x 2048 = 65,536 tokens per dense step (MoE: 8 x 2048), as measured on an H200 (docs/gpu.md section 6).
         model = {"seq_length": seq}
         train = {"micro_batch_size": 8, "global_batch_size": sequences or (8 if moe else 32),
                  "steps": steps or (6 if moe else 10)}
@@ -392,4 +392,4 @@ PARTS = {fn.__name__: fn for fn in (tiny_fp32, tiny_bf16, checkpoint_resume, den
                                      moe_d8, optimizer_step, newton_schulz, attention_experts, dense_d8_sphere_muon,
                                      dense_d8_muon, dense_d8_adamw, unit_tests, science_micro)}
 """Run in this order; the first ones matter most when the time budget runs out (the issue-13 targets come
-before the seq-2048 comparisons with shared/GPU.md)."""
+before the seq-2048 comparisons with docs/gpu.md section 6)."""

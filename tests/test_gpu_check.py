@@ -21,9 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    # PYTHONPATH: the script imports this checkout's package, installed or not (as the tests do: pyproject's pythonpath)
+    # The README's command shape on a GPU machine without the package installed: PYTHONPATH names only a folder of
+    # wheels (here an empty one); the script must import this checkout's package (bench/hyperp_megatron links it).
+    site = out / "site"
+    site.mkdir()
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
-                           "--work-dir", str(out / "work")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                           "--work-dir", str(out / "work")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(site)),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
@@ -35,6 +38,7 @@ def test_every_part_runs_and_the_report_has_the_schema(smoke_report):
     report, markdown = smoke_report
     assert {"gpu", "versions", "parts", "metrics"} <= set(report)
     assert report["gpu"].startswith("cpu") and report["versions"]["megatron-core"] == "0.16.1"
+    assert report["versions"]["package_from_checkout"] is True
     assert list(report["parts"]) == list(PARTS)
     for name, record in report["parts"].items():
         assert record["ok"] is True and record["error"] is None, (name, record)

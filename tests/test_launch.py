@@ -143,6 +143,26 @@ def test_slurm_multinode_torchrun_two_nodes(slurm_cluster: SlurmCluster, tmp_pat
     assert sorted(r["node"] for r in results) == ["n1", "n2"]  # c10d: node order = rendezvous order
 
 
+def test_slurm_multinode_runs_each_node_in_the_apptainer_image(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """APPTAINER_IMAGE wraps each node's torchrun in `apptainer exec --nv --bind REPO_DIR --pwd REPO_DIR IMAGE`
+    (a stand-in apptainer on PATH logs its arguments and runs the command)."""
+    bin_dir, image, log = tmp_path / "bin", "/images/pytorch.sif", tmp_path / "apptainer.log"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(f'#!/bin/bash\necho "$*" >> {log}\n'
+                                       f'while [[ "$1" != {image} ]]; do shift; done\nshift\nexec "$@"\n')
+    (bin_dir / "apptainer").chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {"APPTAINER_IMAGE": image, "HOST_PYTHON": sys.executable,
+           "PATH": f"{bin_dir}{os.pathsep}{STAND_IN_ENV['PATH']}"}
+    job_id, _ = submit(slurm_cluster, ["launch/slurm_multinode.sbatch", "--logging.run_dir", str(run_dir)],
+                       tmp_path, env=env)
+    info = wait_finished(slurm_cluster, job_id, tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_logs(tmp_path)
+    assert_world(read_results(run_dir, 2), 2, "torchrun")
+    calls = [line for line in log.read_text().splitlines() if line.startswith("exec --")]  # the command spans lines
+    assert calls == [f"exec --nv --bind {REPO} --pwd {REPO} {image} bash -c "] * 2, calls
+
+
 def test_slurm_multinode_one_process_per_allocated_gpu(slurm_gpu_cluster: SlurmCluster, tmp_path: Path):
     run_dir = tmp_path / "run"
     job_id, _ = submit(slurm_gpu_cluster, ["launch/slurm_multinode.sbatch", "--logging.run_dir", str(run_dir)],
