@@ -188,7 +188,6 @@ def test_memory_fit_proposals():
     assert memory_fit.less_activation_memory(with_field, 64, 1).overrides == {"model.recompute": "full"}
     unfused = dataclasses.replace(with_field, model=dataclasses.replace(model, attention_backend="megatron_local"))
     assert memory_fit.less_activation_memory(unfused, 80, 1).overrides == {"model.recompute": "selective"}
-    assert memory_fit.less_activation_memory(cfg, 64, 1) is None  # without the field: no recompute proposed
     # a fixed world size (a launched job): the data-parallel size follows, the distributed optimizer is proposed
     replicated = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, distributed_optimizer=False))
     fixed = memory_fit.smallest_layout(replicated, 40, world_size=8)
@@ -201,6 +200,19 @@ def test_trainer_refuses_a_run_that_does_not_fit_with_one_line(tmp_path):
 
     cfg = plan.config_at_depth(load_config(D24, [f"--logging.run_dir={tmp_path}"]), 24, tp=1, pp=1, ep=1)
     run, tokenizer = derive(cfg, 1), SimpleNamespace(vocab_size=32000)
+    import torch.distributed as dist
+
+    # the start decision after the memory check broadcasts its verdict: a one-rank gloo group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        _refusal_checks(cfg, run, tokenizer)
+    finally:
+        dist.destroy_process_group()
+
+
+def _refusal_checks(cfg, run, tokenizer):
+    from hyperp_megatron.train import _check_before_model
+
     with pytest.raises(ConfigError) as refused:
         _check_before_model(cfg, run, tokenizer, [], H100, 1)
     message = str(refused.value)
@@ -220,7 +232,7 @@ def test_trainer_refuses_a_run_that_does_not_fit_with_one_line(tmp_path):
 def test_plan_checks_the_gpu_memory(capsys):
     assert plan.main(["--config", str(D24), "--tp", "1", "--gpu-memory", "80"]) == 0
     table = capsys.readouterr().out
-    assert re.search(r"\s+NO\s+1\s+1\s+1\s+1$", table.splitlines()[2])
+    assert re.search(r"\s+NO\s+1\s+1\s+1\s+1\s+0$", table.splitlines()[2])  # ..., fits, tp, pp, dp, ep, phantoms
     assert "# depth 24 does not fit" in table and "--parallel.tensor 2" in table
     assert plan.main(["--config", str(D24), "--gpu-memory", "80", "--dp", "32", "--format", "json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
