@@ -78,26 +78,34 @@ def corrupt_errors(compression: str | None) -> tuple[type[BaseException], ...]:
     return ()
 
 
-def iter_json_records(stream: BinaryIO, text_key: str, max_bytes: int, end: int | None,
-                      corrupt_errors: tuple) -> Iterator[Record]:
+def _decoded_lines(stream: BinaryIO, max_bytes: int, end: int | None, corrupt_errors: tuple):
+    """(line number, text) per line of ``stream``, or (line number, Record) for a line that is too long, not
+    UTF-8, or a corrupt compressed stream (which ends the iteration)."""
     line_number = 0
     lines = read_lines(stream, max_bytes, end)
     while True:
         try:
             line = next(lines)
         except StopIteration:
-            break
+            return
         except corrupt_errors:
-            yield Record(None, "corrupt_file", line_number + 1)
-            break
+            yield line_number + 1, Record(None, "corrupt_file", line_number + 1)
+            return
         line_number += 1
         if line is None:
-            yield Record(None, "too_long", line_number)
+            yield line_number, Record(None, "too_long", line_number)
             continue
         try:
-            text = line.decode("utf-8")
+            yield line_number, line.decode("utf-8")
         except UnicodeDecodeError:
-            yield Record(None, "invalid_utf8", line_number)
+            yield line_number, Record(None, "invalid_utf8", line_number)
+
+
+def iter_json_records(stream: BinaryIO, text_key: str, max_bytes: int, end: int | None,
+                      corrupt_errors: tuple) -> Iterator[Record]:
+    for line_number, text in _decoded_lines(stream, max_bytes, end, corrupt_errors):
+        if isinstance(text, Record):
+            yield text
             continue
         if not text.strip():
             continue  # a blank line is no record
@@ -159,24 +167,9 @@ def iter_text_records(stream: BinaryIO, chars_per_document: int, max_bytes: int,
                       corrupt_errors: tuple) -> Iterator[Record]:
     """Plain text in documents; a line that is not UTF-8 (or too long) is dropped and reported."""
     splitter = ParagraphSplitter(chars_per_document, max_bytes)
-    line_number = 0
-    lines = read_lines(stream, max_bytes, end)
-    while True:
-        try:
-            line = next(lines)
-        except StopIteration:
-            break
-        except corrupt_errors:
-            yield Record(None, "corrupt_file", line_number + 1)
-            break
-        line_number += 1
-        if line is None:
-            yield Record(None, "too_long", line_number)
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            yield Record(None, "invalid_utf8", line_number)
+    for line_number, text in _decoded_lines(stream, max_bytes, end, corrupt_errors):
+        if isinstance(text, Record):
+            yield text
             continue
         for document in splitter.feed(text):
             yield Record(document, None, line_number)
