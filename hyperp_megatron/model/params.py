@@ -101,8 +101,8 @@ def writes_residual(name: str) -> bool:
     return bool(_RESIDUAL_WRITER.search(name))
 
 
-def expert_batch_key(chunk_index: int, name: str) -> str:
-    """The routed experts of one layer and one of fc1 / fc2 (a batched Newton-Schulz, a per-layer sphere)."""
+def expert_sphere_key(chunk_index: int, name: str) -> str:
+    """The routed experts of one layer and one of fc1 / fc2 (their sphere under optim.expert_sphere per_layer)."""
     match = ROUTED_EXPERT.search(name)
     assert match is not None, f"{name!r} is not a routed expert"
     fc = match.group(2) or match.group(3)

@@ -25,8 +25,8 @@ cannot shrink the radius (HYPERP.md section 1, step 4).
 
 The layout of a matrix comes from Megatron's parameter attributes and the role's process group
 (``params.shard_layout``): the TP group, or the expert-TP group for routed experts (which also get
-``is_expert`` and a per-layer ``batch_key``: the experts of one layer are orthogonalized in one batched
-Newton-Schulz).
+``is_expert``, and under ``optim.expert_sphere: per_layer`` the layer's ``sphere_key``). The step batches
+same-shape matrices of all layers by itself (``optim/sphere_batched.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyperp_megatron.model.params import ROLES, expert_batch_key, role_of, shard_layout, unwrap
+from hyperp_megatron.model.params import ROLES, expert_sphere_key, role_of, shard_layout, unwrap
 from hyperp_megatron.optim.layout import ParamLayout, QKVSplit
 
 RULES_BY_ROLE: dict[str, tuple[str, str]] = {
@@ -106,10 +106,9 @@ def layout_for(name: str, param: torch.Tensor, *, optimizer_name: str, config, p
     is_expert = role == "routed_expert"
     group, partition_dim = shard_layout(name, param, pg_collection)
     qkv_split = _qkv_split(config, pg_collection.tp.size()) if role == "qkv" else None
-    batch_key = expert_batch_key(chunk_index, name) if is_expert else None
     shared = is_expert and expert_sphere == "per_layer" and rule == "sphere_muon"
     return role, ParamLayout(rule, group=group, partition_dim=partition_dim, qkv_split=qkv_split,
-                             batch_key=batch_key, is_expert=is_expert, sphere_key=batch_key if shared else None,
+                             is_expert=is_expert, sphere_key=expert_sphere_key(chunk_index, name) if shared else None,
                              sphere_group=pg_collection.ep if shared else None)
 
 
