@@ -75,7 +75,7 @@ class ModelShape:
 
     @property
     def expert_ffn(self) -> int:
-        return self.ffn // self.moe_granularity
+        return self._moe_config.expert_ffn(self.ffn)
 
     def at_depth(self, depth: int) -> ModelShape:
         """The same family at another depth: ``C/d``, ``heads/d`` and ``ffn/C`` fixed; KV heads,

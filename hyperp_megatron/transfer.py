@@ -13,6 +13,20 @@ from __future__ import annotations
 
 import math
 
+# The paper's base point and fitted exponent (HYPERP.md section 3): the defaults of config.HyperPConfig and of
+# the rules below, and the reference value the science report compares its fits with.
+PAPER_BASE_DEPTH = 8
+"""d0: the depth at which eta0 was tuned."""
+PAPER_BASE_LR_DENSE = 1.5e-2
+"""eta0 of the dense models (1.4e-2 for MoE: PAPER_BASE_LR_MOE)."""
+PAPER_BASE_LR_MOE = 1.4e-2
+PAPER_BASE_BATCH_TOKENS = 2**21
+"""B0: tokens per optimizer step at the base point."""
+PAPER_BASE_TOKENS = 10.4e9
+"""T0: training tokens at d0."""
+PAPER_TOKEN_EXPONENT = -0.32
+"""The data-scaling law's exponent: eta ~ (T / T0) ** -0.32."""
+
 
 def check_positive(**values: float) -> None:
     """ValueError naming the first value that is not > 0."""
@@ -40,7 +54,7 @@ def depth_factor(depth: int, base_depth: int) -> float:
     return math.sqrt(base_depth / depth)
 
 
-def token_factor(tokens: float, base_tokens: float, exponent: float = -0.32) -> float:
+def token_factor(tokens: float, base_tokens: float, exponent: float = PAPER_TOKEN_EXPONENT) -> float:
     """Data-scaling LR factor ``(T / T0) ** -0.32`` (HYPERP.md section 3; paper's fitted exponent,
     the same one seen for AdamW in arXiv 2409.19913; reference applies it to MuonH only)."""
     check_positive(tokens=tokens, base_tokens=base_tokens)
@@ -54,8 +68,23 @@ def batch_factor(batch_tokens: float, base_batch_tokens: float) -> float:
     return math.sqrt(batch_tokens / base_batch_tokens)
 
 
+def lr_factors(*, depth: int, base_depth: int, tokens: float, base_tokens: float, batch_tokens: float,
+               base_batch_tokens: float, token_exponent: float = PAPER_TOKEN_EXPONENT, depth_rule: bool = True,
+               token_rule: bool = True, batch_rule: bool = True) -> dict[str, float]:
+    """The three LR factors of :func:`hyperp_lr` by name (``depth_factor``, ``token_factor``,
+    ``batch_factor``); a rule that is off gives 1 (and its inputs are not checked)."""
+    return dict(depth_factor=depth_factor(depth, base_depth) if depth_rule else 1.0,
+                token_factor=token_factor(tokens, base_tokens, token_exponent) if token_rule else 1.0,
+                batch_factor=batch_factor(batch_tokens, base_batch_tokens) if batch_rule else 1.0)
+
+
+def compose_lr(base_lr: float, factors: dict[str, float]) -> float:
+    """``eta0`` times the factors of :func:`lr_factors` (in this order: the trainer's LR, bit for bit)."""
+    return base_lr * factors["depth_factor"] * factors["token_factor"] * factors["batch_factor"]
+
+
 def hyperp_lr(base_lr: float, *, depth: int, base_depth: int, tokens: float, base_tokens: float,
-              batch_tokens: float, base_batch_tokens: float, token_exponent: float = -0.32,
+              batch_tokens: float, base_batch_tokens: float, token_exponent: float = PAPER_TOKEN_EXPONENT,
               depth_rule: bool = True, token_rule: bool = True, batch_rule: bool = True) -> float:
     """Peak LR of a target run (HYPERP.md section 3):
 
@@ -67,14 +96,10 @@ def hyperp_lr(base_lr: float, *, depth: int, base_depth: int, tokens: float, bas
     4.10e-3 (d20), 3.17e-3 (d24).
     """
     check_positive(base_lr=base_lr)
-    lr = base_lr
-    if batch_rule:
-        lr *= batch_factor(batch_tokens, base_batch_tokens)
-    if depth_rule:
-        lr *= depth_factor(depth, base_depth)
-    if token_rule:
-        lr *= token_factor(tokens, base_tokens, token_exponent)
-    return lr
+    return compose_lr(base_lr, lr_factors(
+        depth=depth, base_depth=base_depth, tokens=tokens, base_tokens=base_tokens, batch_tokens=batch_tokens,
+        base_batch_tokens=base_batch_tokens, token_exponent=token_exponent, depth_rule=depth_rule,
+        token_rule=token_rule, batch_rule=batch_rule))
 
 
 def lr_at(step: int, total_steps: int, peak: float, min_ratio: float = 0.1, warmup: int = 0) -> float:

@@ -10,6 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyperp_megatron.transfer import (
+    PAPER_BASE_BATCH_TOKENS,
+    PAPER_BASE_DEPTH,
+    PAPER_BASE_LR_DENSE,
+    PAPER_BASE_TOKENS,
+    PAPER_TOKEN_EXPONENT,
+)
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
 """``model.attention_backend`` (``model/sdpa_attention.py``); only 'megatron_local' keeps s x s scores."""
 
@@ -64,6 +72,10 @@ class MoEConfig:
     @property
     def router_topk(self) -> int:
         return self.granularity - int(self.shared_expert)
+
+    def expert_ffn(self, ffn_size: int) -> int:
+        """FFN width of each expert (routed and shared): the dense width ``ffn_size`` over k."""
+        return ffn_size // self.granularity
 
 
 @dataclass
@@ -157,6 +169,11 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """FFN width of each expert (routed and shared): ffn_size / k (``MoEConfig.expert_ffn``)."""
+        return self.moe.expert_ffn(self.ffn_size)
 
 
 @dataclass
@@ -369,15 +386,15 @@ class HyperPConfig:
 
     enabled: bool = False
     """Derive the LR (and token budget) from these base values instead of optim.lr."""
-    base_depth: int = 8
+    base_depth: int = PAPER_BASE_DEPTH
     """d0: depth at which eta0 was tuned."""
-    base_lr: float = 1.5e-2
+    base_lr: float = PAPER_BASE_LR_DENSE
     """eta0: base learning rate at d0, B0, T0."""
-    base_batch_tokens: float = 2**21
+    base_batch_tokens: float = PAPER_BASE_BATCH_TOKENS
     """B0: base batch in tokens."""
-    base_tokens: float = 10.4e9
+    base_tokens: float = PAPER_BASE_TOKENS
     """T0: training tokens at d0."""
-    token_exponent: float = -0.32
+    token_exponent: float = PAPER_TOKEN_EXPONENT
     """Exponent of the data-scaling law (T/T0)^exponent."""
     depth_rule: bool = True
     """Apply the Depth-muP factor sqrt(d0/d)."""
