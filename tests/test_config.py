@@ -160,3 +160,30 @@ def test_readme_config_reference_is_current():
 
     readme = open(os.path.join(REPO, "README.md")).read()
     assert markdown() in readme, "README config reference is stale: paste `python -m hyperp_megatron.config_docs`"
+
+
+def test_config_files_state_only_what_differs_from_the_defaults():
+    """Every YAML file in configs/ sets only keys whose value differs from the dataclass default, so a reader
+    sees what is particular to it (defaults: docs/config.md)."""
+    import glob
+
+    import yaml
+
+    from hyperp_megatron.config.load import redundant_keys
+
+    files = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+    assert len(files) >= 10
+    redundant = {os.path.relpath(path, REPO): redundant_keys(yaml.safe_load(open(path).read()))
+                 for path in files}
+    assert all(not keys for keys in redundant.values()), {path: keys for path, keys in redundant.items() if keys}
+
+
+def test_redundant_keys_finds_a_default_restated():
+    """Control: a key equal to its default is reported (after coercion: '4' for an int, 2**21 for a float, a
+    nested section); a key that differs, an unknown key and a bad value are not."""
+    from hyperp_megatron.config.load import redundant_keys
+
+    data = {"model": {"num_layers": "4", "hidden_size": 128, "moe": {"gate": "sqrt", "sparsity": 2}, "nope": 1},
+            "hyperp": {"base_batch_tokens": 2097152.0, "base_lr": "x"}, "train": {"steps": 200}}
+    assert redundant_keys(data) == ["model.num_layers", "model.moe.gate", "hyperp.base_batch_tokens",
+                                    "train.steps"]
