@@ -154,6 +154,17 @@ def test_entry_point_reports_one_line_error_before_heavy_work(tmp_path):
     assert out.stderr.strip().splitlines() == ["error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"]
 
 
+def test_docs_config_reference_is_current():
+    """docs/config.md is the generator's output (python -m hyperp_megatron.config_docs > docs/config.md), and it
+    documents every config field."""
+    from hyperp_megatron.config_docs import document, markdown
+
+    committed = open(os.path.join(REPO, "docs", "config.md")).read()
+    assert committed == document(), "docs/config.md is stale: run python -m hyperp_megatron.config_docs > docs/config.md"
+    for row in markdown().splitlines()[2:]:
+        assert row in committed, row
+
+
 def test_readme_config_reference_is_current():
     """The README's config reference is the generator's output (python -m hyperp_megatron.config_docs)."""
     from hyperp_megatron.config_docs import markdown
