@@ -424,10 +424,14 @@ class CheckpointConfig:
     save_final: bool = True
     """Save when training ends."""
     resume: bool = True
-    """Resume from the run directory's latest complete checkpoint if there is one."""
+    """Resume from the run directory's newest intact checkpoint if there is one (every file checked against its
+    manifest; a damaged newer one is set aside as ``step_N.kept-K``, never overwritten; with none intact the run
+    stops with one line). false in a run directory that already holds checkpoints is refused: choose a new
+    logging.run_dir (docs/reliability.md)."""
     load: str | None = None
-    """Start from this checkpoint directory (or checkpoints root) while the run has none of its own; once it has
-    (a requeue or restart), it continues from its own latest (with checkpoint.resume)."""
+    """Start from this checkpoint (a ``step_*`` directory, a ``checkpoints/`` root or a run directory; no intact
+    checkpoint there is an error) while the run has none of its own; once it has (a requeue or restart), it
+    continues from its own latest (with checkpoint.resume)."""
     keep: int = 2
     """Complete checkpoints to keep (older ones are deleted; 0 keeps all)."""
     async_save: bool = False
