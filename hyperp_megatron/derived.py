@@ -122,11 +122,10 @@ class DerivedRun:
 
 
 def recompute_of(cfg: Config) -> Recompute:
-    """The run's activation recomputation for the memory estimate. ``model.recompute`` (and its method and
-    chunk size) come with the recompute change (issue 23 item 5); a config without them does not recompute."""
+    """The run's activation recomputation (``model.recompute``, its method and chunk size) for the memory
+    estimate."""
     m = cfg.model
-    return Recompute(getattr(m, "recompute", "none"), getattr(m, "recompute_method", "uniform"),
-                     getattr(m, "recompute_num_layers", 1))
+    return Recompute(m.recompute, m.recompute_method, m.recompute_num_layers)
 
 
 def vocab_change_line(derived: DerivedRun) -> str | None:
