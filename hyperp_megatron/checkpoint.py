@@ -251,6 +251,47 @@ def _default_rng_key(device: torch.device) -> dict:
     return {"world_size": dist.get_world_size(), "device": device.type}
 
 
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(opt, DistributedOptimizer)]
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Before a load: Megatron's DistributedOptimizer describes its state from the torch optimizer's, which is
+    empty until the first step (``state_dict`` then fails on the missing Adam step). Megatron's own dummy
+    initialization (a zero-gradient step) allocates it; the load then replaces every value (the Adam moments,
+    the step and the fp32 main parameters) in place."""
+    for opt in _distributed_optimizers(optimizer):
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """After a load, each parameter's torch Adam ``step`` is the checkpoint's (its param groups carry it).
+    Megatron's DistributedOptimizer leaves the per-parameter steps of the state it allocated for the load (the
+    dummy step's 1), and where it does set them gives all parameters one shared tensor, which torch would
+    increment once per parameter. Each parameter gets its own tensor holding the saved step."""
+    for opt in _distributed_optimizers(optimizer):
+        for group in opt.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = opt.optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
+
+
+def _optimizer_metadata(optimizer) -> dict | None:
+    """Megatron's DistributedOptimizer (AdamW with ``parallel.distributed_optimizer``) saves in the
+    ``dp_reshardable`` format (Megatron-LM's default): it loads at another data-parallel size, not at another
+    TP / PP layout. Its built-in default (``fully_sharded_model_space``) cannot be written by this megatron-core
+    ("ShardedTensor.flattened_range is not supported"), and ``fully_reshardable`` cannot be loaded into torch's
+    AdamW (no TE / apex: its per-parameter ``step``). Other optimizers take no metadata."""
+    return {"distrib_optim_sharding_type": "dp_reshardable"} if _distributed_optimizers(optimizer) else None
+
+
 def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) -> dict:
     model_sd = {}
     for i, chunk in enumerate(model_chunks):
@@ -259,7 +300,8 @@ def sharded_state_dict(model_chunks: list, optimizer, is_loading: bool = False) 
     state = dict(model_sd)
     if optimizer is not None:
         flat = model_sd["model"] if len(model_chunks) == 1 else {k: v for sd in model_sd.values() for k, v in sd.items()}
-        state["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading,
+                                                          metadata=_optimizer_metadata(optimizer))
     return state
 
 
@@ -519,6 +561,8 @@ def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = T
     meta = json.loads((ckpt_dir / STATE).read_text())
     # A weights-only checkpoint (a Hugging Face import, hyperp_megatron.convert) starts a fresh optimizer.
     load_optimizer = load_optimizer and not meta.get("weights_only", False)
+    if load_optimizer and optimizer is not None:
+        _allocate_distributed_optimizer_state(optimizer)
     sharded = sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
@@ -529,7 +573,9 @@ def load(ckpt_dir: Path, model_chunks: list, optimizer, load_optimizer: bool = T
                       if getattr(param, "phantom_expert", False)})
         model.load_state_dict(state)
     if load_optimizer and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # Megatron's DistributedOptimizer copies into views of the parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     device = _model_device(model_chunks)
     problem = load_rng(ckpt_dir, dist.get_rank(), rng_key or _default_rng_key(device), device)
     if problem and dist.get_rank() == 0:
