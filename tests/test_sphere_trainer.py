@@ -47,13 +47,17 @@ MOE_EP = {"moe": {"sparsity": 2, "granularity": 2}}  # 4 routed experts: 2 per E
 # reductions), the weights after step 1 by 7.5e-7; every later step multiplies the difference by ~3-25
 # (Adam's m / (sqrt(v) + eps) jumps by ~lr where a gradient entry sits at the rounding floor, and
 # Newton-Schulz multiplies the update's weak directions by up to ~490), so after 5 free steps the matrices
-# differed by 3e-5 on one x86 CPU and by 3.5e-3 on another (AVX-512), the same kernels' rounding either way;
-# after 8 steps 1.5e-2. A larger Adam eps does not tame it (final 5.8e-4 at eps 1e-5, 8.4e-4 at 1e-4): that
+# differed by 3e-5 on the CPU these bounds were first set on and by 3.5e-3 on an AVX-512 one (also with its
+# kernels forced to AVX2); after 8 steps by 1.5e-2. A larger Adam eps does not tame it (final 5.8e-4 at eps 1e-5, 8.4e-4 at 1e-4): that
 # comparison measured the CPU's rounding, not the layout. From the same state (the layout's checkpoint,
 # weights and optimizer state) two steps agree to 3.1e-7, on both CPUs and with the kernels forced to
 # AVX2 (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2).
 LOSS_RTOL = 1e-6  # measured <= 1.1e-7 (TP=2, steps 1..3 from the initial weights; 4..5 from the checkpoint)
 STEP1_MATRIX_RTOL = 2e-6  # 7.6e-7 (TP=2)
+# EP=2 vs EP=1 after step 1, as test_moe.py's bound: the experts see few tokens, and Newton-Schulz amplifies
+# the weak directions of their low-rank gradients (and their rounding): 4.1e-7 here (AVX-512), 1.95e-6 with
+# the kernels forced to AVX2. The controls' step-1 matrix errors are 2.1e-3 and 5.6e-2.
+MOE_STEP1_MATRIX_RTOL = 1e-5
 STEP1_ADAM_FRO_RTOL = 1e-3  # 1.7e-4 (TP=2)
 FINAL_MATRIX_RTOL = 2e-4  # 3.1e-7 (TP=2 / DP=2, from the step-3 checkpoint); controls: >= 4e-2
 FINAL_ADAM_FRO_RTOL = 5e-3  # 4.0e-6 (TP=2, from the step-3 checkpoint)
@@ -340,14 +344,15 @@ def layout_errors(result: dict, reference: dict, resumed: dict) -> dict:
             "replica_spread": result["replica_spread"]}
 
 
-def check_layout(measured, name: str, result: dict, reference: dict, resumed: dict) -> dict:
+def check_layout(measured, name: str, result: dict, reference: dict, resumed: dict,
+                 step1_matrix_rtol: float = STEP1_MATRIX_RTOL) -> dict:
     """``result`` reproduces the single-process run from the same state within the asserted bounds."""
     errors = layout_errors(result, reference, resumed)
     measured("parity/sphere_muon_trainer", name, errors)
     free, forced = errors["free"], errors["forced"]
     assert errors["replica_spread"] == 0.0, errors
     assert free["loss_rel"] <= LOSS_RTOL, (errors, result["losses"], reference["losses"])
-    assert free["step1"]["matrix_max_rel"] <= STEP1_MATRIX_RTOL, errors
+    assert free["step1"]["matrix_max_rel"] <= step1_matrix_rtol, errors
     assert free["step1"]["adam_fro_rel"] <= STEP1_ADAM_FRO_RTOL, errors
     assert forced["loss_rel"] <= LOSS_RTOL, (errors, result["losses"], resumed["losses"])
     assert forced["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, errors
@@ -395,7 +400,7 @@ def test_expert_parallel_layer_wise_matches_ep1(two, measured):
     """EP=2 vs EP=1 (both DP=2), from the same state as check_layout: the same initial weights, then EP=1
     from EP=2's step-SAVE_AT checkpoint."""
     check_layout(measured, "ep2_layer_wise_moe_vs_ep1", two[0]["ep2_layer_wise_moe"], two[0]["ep1_dp2_moe"],
-                 two[0]["ep1_dp2_moe_from_ep2"])
+                 two[0]["ep1_dp2_moe_from_ep2"], step1_matrix_rtol=MOE_STEP1_MATRIX_RTOL)
 
 
 def test_sphere_matrices_keep_their_initial_norm(two, measured):
