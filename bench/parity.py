@@ -17,7 +17,10 @@ pass. What each number means:
   with an Adam direction (embedding, output layer, norms; every parameter under AdamW);
   ``replica_spread`` = largest difference between two ranks' copies of one shard; ``aux_rel`` (MoE) =
   max over steps and layers of the relative aux-loss difference. ``parity/sphere_muon_raw_shards``: the
-  optimizer alone on raw shards, max relative Frobenius error over the matrices.
+  optimizer alone on raw shards, max relative Frobenius error over the matrices. test_sphere_trainer's
+  layouts are compared from the same state (issue 21): ``free`` = from the same initial weights, the losses
+  of steps 1-3 and the weights after step 1; ``forced`` = the single process from the layout's step-3
+  checkpoint vs the layout's last losses and final weights.
 - ``controls/*``: the same measures for a deliberately wrong variant (``tests/mutants.py``): each must be
   far outside the bound its test asserts.
 - ``moe_micro_batches``: DP=2 x 2 micro-batches vs DP=1 x 4 (MoE): equal at step 1, bounded drift

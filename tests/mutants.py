@@ -107,6 +107,35 @@ def reshard_without_optimizer_state():
     return mock.patch.object(checkpoint, "load", functools.partial(checkpoint.load, load_optimizer=False))
 
 
+@contextlib.contextmanager
+def dp_grad_sync_skips_embedding_and_output():
+    """The data-parallel gradient all-reduce (Megatron's bucket sync) leaves out the embedding and the output
+    layer (``is_embedding_or_output_parameter``): each DP rank keeps its own micro-batches' gradient for them,
+    scaled as before the collective."""
+    from megatron.core.distributed import param_and_grad_buffer
+
+    group_class = param_and_grad_buffer._ParamAndGradBucketGroup
+    start, finish = group_class.start_grad_sync, group_class.finish_grad_sync
+
+    def start_keeping_local(self, *args, **kwargs):
+        if self.grad_reduce_handle is None:  # not yet dispatched: the gradients are still this rank's own
+            self.local_grads = [(param, param.main_grad.detach().clone(), bucket.gradient_scaling_factor)
+                                for bucket in self.buckets for param in bucket.params
+                                if getattr(param, "is_embedding_or_output_parameter", False)]
+        return start(self, *args, **kwargs)
+
+    def finish_restoring_local(self, *args, **kwargs):
+        result = finish(self, *args, **kwargs)
+        for param, local, scale in getattr(self, "local_grads", ()):
+            param.main_grad.copy_(local * scale)
+        self.local_grads = []
+        return result
+
+    with mock.patch.object(group_class, "start_grad_sync", start_keeping_local), \
+            mock.patch.object(group_class, "finish_grad_sync", finish_restoring_local):
+        yield
+
+
 def monitor_reductions_skipped():
     """The stability monitors skip their all-reduces (the world sum of per-layer statistics, the TP /
     expert-TP sums of gradient norms and radii): each rank reports its own partial values."""
@@ -141,6 +170,7 @@ def phantom_experts_routable():
 MUTATIONS = {fn.__name__: fn for fn in (
     resume_restarts_from_step_0, sphere_radius_per_shard, newton_schulz_per_shard, moe_load_statistics_local,
     sequence_parallel_norm_grads_not_reduced, reshard_without_optimizer_state, monitor_reductions_skipped,
+    dp_grad_sync_skips_embedding_and_output,
     phantom_experts_routable,
 )}
 

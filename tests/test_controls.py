@@ -4,7 +4,8 @@ asserts its check fails on it (and passes the real code).
 | property | mutation | control test |
 |---|---|---|
 | resume actually resumes | resume_restarts_from_step_0 | test_resilience.py (kill -9, sphere Muon) |
-| the sphere radius is the whole matrix's | sphere_radius_per_shard | test_sphere_muon_dist.py |
+| the sphere radius is the whole matrix's | sphere_radius_per_shard | test_sphere_muon_dist.py, test_sphere_trainer.py |
+| data-parallel gradients are all-reduced | dp_grad_sync_skips_embedding_and_output | test_sphere_trainer.py |
 | Newton-Schulz is TP-invariant | newton_schulz_per_shard | test_sphere_trainer.py (+ blockwise NS, raw shards) |
 | MoE load statistics are global | moe_load_statistics_local | test_moe.py |
 | sequence-parallel norm gradients are reduced | sequence_parallel_norm_grads_not_reduced | test_trunk_parallel.py |

@@ -52,13 +52,25 @@ def test_every_part_runs_and_the_report_has_the_schema(smoke_report):
     assert all(name in markdown for name in PARTS)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 21: multi-step tiny trainings differ by 6.5e-4 (bound 1e-5) on some "
-                   "x86 CPUs, the same rounding amplification as test_sphere_trainer's TP=2 parity (open)")
+# Bounds vs the committed CPU reference (bench/results/gpu/cpu_reference.json), one thread, measured with the
+# oneDNN / ATen / MKL kernels of four x86 instruction sets on one machine (ONEDNN_MAX_CPU_ISA = default (AMX),
+# AVX512_CORE_BF16, AVX512_CORE, AVX2): fp32, both steps: 4.8e-7 in all four; bf16 step 1: 0, 0, 2.9e-6, 3.8e-6.
+# The bf16 step 2 is not compared (issue 21): 1.9e-5, 4.1e-4, 6.5e-4, 1.4e-3 over the four. Each ISA's bf16
+# matmuls round differently, the step-1 update carries that rounding (amplified: test_sphere_trainer.py's
+# bounds comment), and the bf16 copy of the updated weights flips whole bf16 ulps (4e-3 relative) where the
+# rounding straddles one: the step-2 loss measures the CPU's bf16 kernels, not the trainer. The update itself is
+# compared by the fp32 part (steps 1 and 2) and the bf16 master-weight path by test_sphere_trainer's bit-exact
+# bf16 resume.
+TINY_LOSS_ABS = 1e-5
+
+
 def test_tiny_parts_reproduce_the_committed_cpu_reference(smoke_report):
     report, _ = smoke_report
-    for precision in ("fp32", "bf16"):
-        # Same machine kind, one thread: the CPU run is the reference up to summation order.
-        assert report["parts"][f"tiny_{precision}"]["max_abs_diff_first_steps"] < 1e-5
+    fp32, bf16 = report["parts"]["tiny_fp32"], report["parts"]["tiny_bf16"]
+    assert fp32["compared_steps"] == bf16["compared_steps"] == 2, (fp32, bf16)
+    assert fp32["max_abs_diff_first_steps"] < TINY_LOSS_ABS, fp32
+    assert bf16["step1_abs_diff"] < TINY_LOSS_ABS, bf16
+    assert math.isfinite(bf16["loss_last"]), bf16
     resume = report["parts"]["checkpoint_resume"]
     assert resume["deterministic_bit_exact"] and resume["default_bit_exact"]
 

@@ -1,6 +1,8 @@
 """The trainer (AdamW) reproduces the single-process run under TP=2, PP=2, DP=2, TP=2 + sequence parallel
-and Megatron's DistributedOptimizer: the loss of every step and every final weight (gathered), and a
-checkpoint saved at TP=2 resumes at TP=1 and at PP=2 with the uninterrupted run's losses and weights.
+and Megatron's DistributedOptimizer, from the same state (as test_sphere_trainer.py's ``check_layout``):
+from the same initial weights the losses of steps 1-2 and the weights after step 1, from the layout's step-2
+checkpoint the losses of steps 3-4 and every final weight (gathered); a checkpoint saved at TP=2 resumes
+at TP=1 and at PP=2 with the uninterrupted run's losses and weights.
 
 Controls: sequence parallelism with the norm gains' gradients left unreduced over TP (their TP copies
 drift apart), and a TP 2 -> 1 load without the optimizer state.
@@ -8,7 +10,9 @@ drift apart), and a TP 2 -> 1 load without the optimizer state.
 AdamW reproduces layouts less closely than sphere Muon's matrices: every entry moves by ~lr g / (|g| +
 eps) whatever the size of its gradient, so entries whose gradient is within rounding of zero take
 visibly different steps (see ``trainer_utils.parity``); the bounds below sit a small margin above the
-measured values (``python bench/parity.py`` -> ``bench/results/parity.json``).
+measured values (``python bench/parity.py`` -> ``bench/results/parity.json``). Along two free 4-step
+trajectories that rounding grows step after step (issue 21): TP=2's final weights were 2.3e-3 (of a 5e-3
+bound) with AVX2 kernels, 1.2e-4 with AVX-512 ones; from the same state 1.0e-6 .. 6.5e-6.
 """
 
 import contextlib
@@ -31,9 +35,13 @@ LAYOUTS = {
     "tp2_sp": {"tensor": 2, "sequence_parallel": True},
     "dp2_distopt": {"distributed_optimizer": True},  # Megatron's DistributedOptimizer (AdamW state over DP)
 }
+# Megatron's DistributedOptimizer cannot save a checkpoint here (megatron-core 0.16.1: "ShardedTensor.
+# flattened_range is not supported"), so that layout is compared along the free trajectory (DP only: its
+# rounding stays small, final 6.4e-6).
+UNSAVED = ("dp2_distopt",)
 LOSS_RTOL = 1e-6  # measured <= 1.1e-7 (TP=2; 1.7e-7 with Megatron's attention)
 STEP1_ADAM_FRO_RTOL = 5e-4  # 1.7e-4 (TP=2)
-FINAL_ADAM_FRO_RTOL = 5e-3  # 2.3e-3 (TP=2); controls >= 0.15
+FINAL_ADAM_FRO_RTOL = 5e-3  # 6.5e-6 (TP=2, from the step-2 checkpoint); controls >= 0.15
 
 
 def _run(parallel: dict, **sections) -> dict:
@@ -56,23 +64,27 @@ def _trained(rank: int, world_size: int, overrides: dict, mutation: str | None =
 
 
 def two_process_worker(rank: int, world_size: int, tmp_path) -> dict:
-    results = {name: _trained(rank, world_size, _run(layout, **(_saving(tmp_path / "tp2") if name == "tp2" else {})))
-               for name, layout in LAYOUTS.items()}
+    results = {}
+    for name, layout in LAYOUTS.items():
+        saving = {} if name in UNSAVED else _saving(tmp_path / f"saved_{name}")
+        results[name] = _trained(rank, world_size, _run(layout, **saving))
     results["tp2_sp_norm_grads_not_reduced"] = _trained(rank, world_size, _run(LAYOUTS["tp2_sp"]),
                                                         "sequence_parallel_norm_grads_not_reduced")
     results["pp2_from_tp2"] = _trained(rank, world_size, _run({"pipeline": 2}, **_loading(tmp_path / "pp2",
-                                                                                          tmp_path / "tp2")))
+                                                                                          tmp_path / "saved_tp2")))
     return results
 
 
 def one_process_worker(rank: int, world_size: int, tmp_path) -> dict:
-    return {
-        "reference": _trained(rank, world_size, _run({})),
-        "tp1_from_tp2": _trained(rank, world_size, _run({}, **_loading(tmp_path / "tp1", tmp_path / "tp2"))),
-        "tp1_from_tp2_without_optimizer_state": _trained(
-            rank, world_size, _run({}, **_loading(tmp_path / "mutant", tmp_path / "tp2")),
-            "reshard_without_optimizer_state"),
-    }
+    results = {"reference": _trained(rank, world_size, _run({}))}
+    for name in set(LAYOUTS) - set(UNSAVED):  # the single process from each layout's step-SAVE_AT checkpoint
+        results[f"from_{name}"] = _trained(rank, world_size, _run({}, **_loading(tmp_path / f"from_{name}",
+                                                                                 tmp_path / f"saved_{name}")))
+    results["tp1_from_tp2"] = results["from_tp2"]
+    results["tp1_from_tp2_without_optimizer_state"] = _trained(
+        rank, world_size, _run({}, **_loading(tmp_path / "mutant", tmp_path / "saved_tp2")),
+        "reshard_without_optimizer_state")
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +123,29 @@ def test_reference_learns(single):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def check_layout(measured, name: str, run: dict, reference: dict, resumed: dict) -> dict:
+    """``run`` reproduces the single-process run from the same state: ``free`` from the same initial weights
+    (losses of steps 1..SAVE_AT, weights after step 1), ``forced`` from the layout's step-SAVE_AT checkpoint
+    (``resumed``: the later losses and the final weights)."""
+    free = parity({**run, "losses": run["losses"][:SAVE_AT]}, {**reference, "losses": reference["losses"][:SAVE_AT]},
+                  "adamw")
+    errors = {"free": {"loss_rel": free["loss_rel"], "step1": free["step1"]},
+              "forced": parity(resumed, _resumed_reference(run), "adamw"), "replica_spread": run["replica_spread"]}
+    measured("parity/adamw_trainer", name, errors)
+    assert errors["replica_spread"] == 0.0, errors
+    assert free["loss_rel"] <= LOSS_RTOL, (errors, run["losses"], reference["losses"])
+    assert free["step1"]["adam_fro_rel"] <= STEP1_ADAM_FRO_RTOL, errors
+    assert errors["forced"]["loss_rel"] <= LOSS_RTOL, (errors, run["losses"], resumed["losses"])
+    assert errors["forced"]["final"]["adam_fro_rel"] <= FINAL_ADAM_FRO_RTOL, errors
+    return errors
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(two, single, layout, measured):
-    check_parity(measured, layout, two[0][layout], single["reference"])
+    if layout in UNSAVED:
+        check_parity(measured, layout, two[0][layout], single["reference"])
+    else:
+        check_layout(measured, layout, two[0][layout], single["reference"], single[f"from_{layout}"])
 
 
 def test_control_sequence_parallel_norm_grads_not_reduced_is_caught(two, single, measured):
