@@ -21,27 +21,28 @@ STALL_MARKER = "async_writer_stalled.json"
 STALL_SECONDS = 900.0
 
 
-def _stalling_write(original, step: int):
+def _stalling_write(original, step: int, seconds: float):
     def write(transform_list, *args, **kwargs):
         file_name = Path(kwargs["write_bucket"][0])  # <run_dir>/checkpoints/step_NNNNNN.tmp/__0_0.distcp
         if file_name.parent.name == f"step_{step:06d}.tmp":
             run_dir = file_name.parent.parent.parent
             (run_dir / STALL_MARKER).write_text(json.dumps({"step": step, "pid": os.getpid(), "file": file_name.name}))
-            time.sleep(STALL_SECONDS)  # before writing and before reporting: the save stays in flight
+            time.sleep(seconds)  # before writing and before reporting: the save stays in flight
         return original(transform_list, *args, **kwargs)
 
     return staticmethod(write)
 
 
-def async_writer_stalls(step: str):
-    """Megatron's checkpoint writer processes stall (sleep ``STALL_SECONDS`` before writing a byte) on the files
-    of checkpoint ``step`` only, after leaving ``STALL_MARKER`` in the run directory; every other save is as
-    usual. Under ``checkpoint.async_save`` the save of that step stays in flight while the step loop goes on.
+def async_writer_stalls(step: str, seconds: str = str(STALL_SECONDS)):
+    """Megatron's checkpoint writer processes stall (sleep ``seconds`` before writing a byte, then write) on the
+    files of checkpoint ``step`` only, after leaving ``STALL_MARKER`` in the run directory; every other save is
+    as usual. Under ``checkpoint.async_save`` the save of that step stays in flight while the step loop goes on.
     (The per-file writers are forked from the trainer, so they inherit this patch.)"""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     original = FileSystemWriterAsync.write_preloaded_data
-    return mock.patch.object(FileSystemWriterAsync, "write_preloaded_data", _stalling_write(original, int(step)))
+    return mock.patch.object(FileSystemWriterAsync, "write_preloaded_data",
+                             _stalling_write(original, int(step), float(seconds)))
 
 
 HOOKS = {fn.__name__: fn for fn in (async_writer_stalls,)}
@@ -49,14 +50,14 @@ HOOKS = {fn.__name__: fn for fn in (async_writer_stalls,)}
 
 @contextlib.contextmanager
 def hooked(spec: str):
-    """Apply hook ``NAME`` or ``NAME:ARG`` (a key of ``HOOKS``) inside the block."""
-    name, _, arg = spec.partition(":")
-    with HOOKS[name](*([arg] if arg else [])):
+    """Apply hook ``NAME`` or ``NAME:ARG[:ARG...]`` (a key of ``HOOKS``) inside the block."""
+    name, *args = spec.split(":")
+    with HOOKS[name](*args):
         yield
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tests.hooks NAME[:ARG] [trainer arguments]``: the trainer's entry point with the hook applied."""
+    """``python -m tests.hooks NAME[:ARG...] [trainer arguments]``: the trainer's entry point with the hook applied."""
     from hyperp_megatron import train
 
     with hooked(argv[0]):

@@ -6,7 +6,9 @@
   checkpoint and the new one exists only as ``.tmp``;
 - (system) kill -9 of a TP=2 torchrun job while an async save is in flight (its writers stalled by
   ``tests/hooks.py``): the partial checkpoint is never complete, the relaunch resumes from the previous one with
-  the killed run's losses, and nothing complete is deleted.
+  the killed run's losses, and nothing complete is deleted;
+- (system) SIGTERM to one rank while an async save is in flight: the preemption checkpoint is written after the
+  save in flight is published (both complete, ``latest`` on the preemption step).
 """
 
 import pytest
@@ -171,3 +173,41 @@ def test_kill9_during_async_save_resumes_from_previous_complete_checkpoint(tmp_p
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000006", "step_000004", "step_000002"]
     assert (root / ckpt.LATEST).read_text().strip() == "step_000006" and not list(root.glob("*.tmp"))
 
+
+
+@pytest.mark.tier("system")
+def test_preemption_waits_for_the_async_save_in_flight(tmp_path, embedded_corpus):
+    """SIGTERM to one rank while the step-4 save is in flight (its writers stalled for 8 s): every rank stops
+    after the same step k with the requeue status, and before the preemption checkpoint is written the step-4
+    save is finished and published, so both are complete and ``latest`` names step k."""
+    import os
+    import signal
+    import time
+
+    from hooks import STALL_MARKER
+    from hyperp_megatron import checkpoint as ckpt
+    from trainer_utils import finish, launch_torchrun, worker_pids, write_config
+
+    run_dir = tmp_path / "preempt_async"
+    config = write_config(tmp_path, run_dir, merge_into={
+        "train": {"steps": 8}, "parallel": {"tensor": 2}, "checkpoint": {"interval": 2, "async_save": True}})
+    proc = launch_torchrun(config, hook="async_writer_stalls:4:8")
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / STALL_MARKER).is_file():
+            assert proc.poll() is None and time.time() < deadline, "the step-4 writer never started"
+            time.sleep(0.2)
+        workers = worker_pids(proc)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)  # like a SLURM signal reaching one task first
+        code, out = finish(proc)
+    finally:
+        _kill_job(proc)
+    assert "preemption signal: stopped after step" in out, out[-3000:]
+    stopped = int(out.split("stopped after step")[1].split()[0].rstrip(","))
+    assert 4 < stopped < 8 and code != 0, out[-3000:]
+    root = run_dir / "checkpoints"
+    complete = [p.name for p in ckpt.complete_checkpoints(root)]
+    assert f"step_{stopped:06d}" in complete and "step_000004" in complete, complete
+    assert all(ckpt.verify(root / name) is None for name in complete) and not list(root.glob("*.tmp"))
+    assert (root / ckpt.LATEST).read_text().strip() == f"step_{stopped:06d}"
