@@ -431,14 +431,12 @@ def optimizer_step(check) -> dict:
             tensor.grad = grad.clone()
         return tensors
 
-    def sphere(rule, dtype, batched=True):
+    def sphere(rule, dtype):
         tensors = params()
-        return SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=0.02, ns_compute_dtype=dtype,
-                          batched=batched)
+        return SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=0.02, ns_compute_dtype=dtype)
 
     optimizers = {"sphere_fp32_ns": sphere("sphere_muon", None),
                   "sphere_bf16_ns": sphere("sphere_muon", torch.bfloat16),
-                  "sphere_bf16_ns_loop": sphere("sphere_muon", torch.bfloat16, batched=False),
                   "muon_bf16_ns": sphere("muon", torch.bfloat16),
                   "torch_muon": torch.optim.Muon(params(), lr=0.02, weight_decay=0.0),
                   "torch_adamw": torch.optim.AdamW(params(), lr=0.02, betas=(0.9, 0.95), weight_decay=0.0)}

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 warnings.filterwarnings("ignore")
 
-from common import LoadSampler, git_sha  # noqa: E402
+from common import LoadSampler, git_sha, repo_relative  # noqa: E402
 
 INTERVAL = 10
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         result = {
             "command": (f"torchrun --nproc-per-node {env.world_size} " if env.launcher == "torchrun" else "python ")
                        + "bench/monitor_overhead.py " + " ".join(sys.argv[1:]),
-            "config": args.config, "overrides": overrides, "world_size": env.world_size, "interval": INTERVAL,
+            "config": repo_relative(args.config), "overrides": overrides, "world_size": env.world_size, "interval": INTERVAL,
             "pairs": args.pairs, "tokens_per_step": tokens_per_step, "monitor": vars(cfg.monitor),
             "git_sha": git_sha(),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": _threads(),

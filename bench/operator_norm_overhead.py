@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+from common import repo_relative  # noqa: E402
 from monitor_overhead import build  # the same session set-up
 
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         result = {
             "command": (f"torchrun --nproc-per-node {env.world_size} " if env.launcher == "torchrun" else "python ")
                        + "bench/operator_norm_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "config": args.config, "overrides": overrides, "world_size": env.world_size, "reps": args.reps,
+            "config": repo_relative(args.config), "overrides": overrides, "world_size": env.world_size, "reps": args.reps,
             "power_iterations": cfg.monitor.power_iterations, "machine_cpus": os.cpu_count(),
             "load_average_after": os.getloadavg(), "summary": summary, "last_records": records,
             "samples_s": samples,

@@ -13,12 +13,12 @@ time with the device synchronized.
 
 0. aten ops one step issues (``op_counters.count_aten_ops``, the second step) for every optimizer below.
 1. Optimizer step time (one process) on the same matrices and gradients:
-   ``SphereMuon`` with the 'sphere_muon' rule (batched across layers, the default, and the per-matrix
-   loop, ``batched=False``; fp32 and bf16 Newton-Schulz), the same class with the plain 'muon' rule
+   ``SphereMuon`` with the 'sphere_muon' rule (batched across layers; fp32 and bf16 Newton-Schulz; results
+   before 2026-12-05 also timed a per-matrix loop, since removed), the same class with the plain 'muon' rule
    (the baseline), ``torch.optim.Muon`` (bf16 Newton-Schulz) and ``torch.optim.AdamW``. Steps are
    interleaved (one step of each optimizer per round, ``--repeats`` rounds) so drifts of a shared machine
    hit all alike; medians and minima reported, and per-round ratios (median): sphere / plain Muon
-   (target <= 1.05), sphere bf16 NS / ``torch.optim.Muon`` (issue 13: <= 1.1 on a GPU), batched / loop.
+   (target <= 1.05), sphere bf16 NS / ``torch.optim.Muon`` (issue 13: <= 1.1 on a GPU).
 2. Newton-Schulz FLOP/s vs ``torch.matmul`` FLOP/s on the same shapes: NS5 of each distinct matrix
    shape (``5 (4 m^2 n + 2 m^3)`` flops, ``m <= n``) against its three matmuls timed alone
    (``X X^T``, ``A A``, ``B X``). Target: NS >= 0.8 x matmul FLOP/s.
@@ -106,9 +106,8 @@ def init_weights(shapes, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.
 # ---------------------------------------------------------------------- part 1: step time
 
 
-SPHERE, LOOP, PLAIN, TORCH_MUON = ("SphereMuon[sphere_muon]", "SphereMuon[sphere_muon], loop",
-                                   "SphereMuon[muon]", "torch.optim.Muon")
-SPHERE_BF16, LOOP_BF16 = SPHERE + ", bf16 NS", LOOP + ", bf16 NS"
+SPHERE, PLAIN, TORCH_MUON = "SphereMuon[sphere_muon]", "SphereMuon[muon]", "torch.optim.Muon"
+SPHERE_BF16 = SPHERE + ", bf16 NS"
 
 
 def make_optimizers(shapes, device: torch.device) -> dict[str, tuple[torch.optim.Optimizer, list[torch.Tensor]]]:
@@ -121,13 +120,11 @@ def make_optimizers(shapes, device: torch.device) -> dict[str, tuple[torch.optim
         return tensors
 
     made = {}
-    for name, rule, ns_dtype, batched in ((SPHERE, "sphere_muon", None, True), (LOOP, "sphere_muon", None, False),
-                                          (PLAIN, "muon", None, True),
-                                          (SPHERE_BF16, "sphere_muon", torch.bfloat16, True),
-                                          (LOOP_BF16, "sphere_muon", torch.bfloat16, False)):
+    for name, rule, ns_dtype in ((SPHERE, "sphere_muon", None), (PLAIN, "muon", None),
+                                 (SPHERE_BF16, "sphere_muon", torch.bfloat16)):
         tensors = params()
         made[name] = (SphereMuon(tensors, {t: ParamLayout(rule) for t in tensors}, lr=LR,
-                                 ns_compute_dtype=ns_dtype, batched=batched), tensors)
+                                 ns_compute_dtype=ns_dtype), tensors)
     # torch's Muon runs Newton-Schulz in bf16 (compare with the bf16 NS lines).
     tensors = params()
     made[TORCH_MUON] = (torch.optim.Muon(tensors, lr=LR, weight_decay=0.0), tensors)
@@ -146,7 +143,6 @@ def count_ops(shapes, device: torch.device) -> dict:
         counts[name] = sum(ops.values())
     return {"aten_ops_per_step": counts,
             "sphere_bf16_over_torch_muon": counts[SPHERE_BF16] / counts[TORCH_MUON],
-            "loop_bf16_over_torch_muon": counts[LOOP_BF16] / counts[TORCH_MUON],
             "target_over_torch_muon": 1.5}
 
 
@@ -186,9 +182,6 @@ def bench_step_times(shapes, repeats: int, warmup: int, device: torch.device) ->
         "target_sphere_over_plain_muon": 1.05,
         "target_met": ratio <= 1.05,
         "sphere_bf16_over_torch_muon": _median_ratio(times, SPHERE_BF16, TORCH_MUON),
-        "loop_bf16_over_torch_muon": _median_ratio(times, LOOP_BF16, TORCH_MUON),
-        "batched_over_loop_fp32": _median_ratio(times, SPHERE, LOOP),
-        "batched_over_loop_bf16": _median_ratio(times, SPHERE_BF16, LOOP_BF16),
         "target_sphere_bf16_over_torch_muon_gpu": 1.1,
     }
 
@@ -416,7 +409,7 @@ def main(argv=None) -> int:
     step = results["step_time"]
     key = "median_wall_s" if device.type == "cuda" else "median_cpu_s"
     print(f"[bench] step {step['timed']} (ms):", {k: round(1e3 * v, 1) for k, v in step[key].items()}, flush=True)
-    print("[bench] ratios:", {k: round(v, 3) for k, v in step.items() if k.startswith(("sphere_", "loop_", "batched_"))
+    print("[bench] ratios:", {k: round(v, 3) for k, v in step.items() if k.startswith("sphere_")
                               and isinstance(v, float)}, flush=True)
     results["newton_schulz"] = bench_newton_schulz(shapes, args.repeats, args.warmup, device)
     print(f"[bench] NS {results['newton_schulz']['ns_gflops']:.1f} GFLOP/s vs matmul "

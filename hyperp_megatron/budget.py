@@ -1,4 +1,4 @@
-"""Parameter, FLOP and memory budgets of a model of the HyperP family (HYPERP.md section 2), pure functions.
+"""Parameter, FLOP and memory budgets of a model of the HyperP family (docs/method.md section 2), pure functions.
 
 Sources as ``transfer.py``: the reference code microsoft/ArchScale (``lit_gpt/config.py:get_parameters_count``,
 ``lit_gpt/speed_monitor.py:flops_per_param``); activation memory after Korthikanti et al., arXiv 2205.05198.
@@ -23,7 +23,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions the rules need: one member of the model family of HYPERP.md section 2."""
+    """The dimensions the rules need: one member of the model family of docs/method.md section 2."""
 
     depth: int
     width: int
@@ -80,7 +80,7 @@ class ModelShape:
 
     @property
     def expert_ffn(self) -> int:
-        return self.ffn // self.moe_granularity
+        return self._moe_config.expert_ffn(self.ffn)
 
     def at_depth(self, depth: int) -> ModelShape:
         """The same family at another depth: ``C/d``, ``heads/d`` and ``ffn/C`` fixed; KV heads,

@@ -31,13 +31,12 @@ from hyperp_megatron.budget import (
 )
 from hyperp_megatron.config import Config, check_layout
 from hyperp_megatron.transfer import (
-    batch_factor,
+    compose_lr,
     default_tokens,
-    depth_factor,
     lr_at,
+    lr_factors,
     muon_weight_decay,
     output_logit_multiplier,
-    token_factor,
 )
 
 DERIVED_FILE = "derived.json"
@@ -123,11 +122,10 @@ class DerivedRun:
 
 
 def recompute_of(cfg: Config) -> Recompute:
-    """The run's activation recomputation for the memory estimate. ``model.recompute`` (and its method and
-    chunk size) come with the recompute change (issue 23 item 5); a config without them does not recompute."""
+    """The run's activation recomputation (``model.recompute``, its method and chunk size) for the memory
+    estimate."""
     m = cfg.model
-    return Recompute(getattr(m, "recompute", "none"), getattr(m, "recompute_method", "uniform"),
-                     getattr(m, "recompute_num_layers", 1))
+    return Recompute(m.recompute, m.recompute_method, m.recompute_num_layers)
 
 
 def vocab_change_line(derived: DerivedRun) -> str | None:
@@ -158,22 +156,26 @@ def resolve_vocab_size(cfg: Config, vocab_size: int | None = None) -> int:
     return vocab
 
 
+def logit_multiplier(cfg: Config) -> float:
+    """The output-logit multiplier ``cfg`` implies (``transfer.output_logit_multiplier``: ``d0/d`` under the
+    Muon baseline, else 1): ``DerivedRun.output_logit_multiplier``, the model's default and the converters'."""
+    return output_logit_multiplier(cfg.model.parameterization, cfg.model.num_layers, cfg.hyperp.base_depth)
+
+
 def _lr_rules(cfg: Config, shape: ModelShape, tokens: float, batch_tokens: float) -> dict:
     """Which rules apply per optimizer (reference ``pretrain.py:setup``): the token law is MuonH's
     only; Depth-muP and the batch rule apply to all; Muon also scales weight decay and logits."""
     h, o = cfg.hyperp, cfg.optim
-    logits = output_logit_multiplier(cfg.model.parameterization, shape.depth, h.base_depth)
+    logits = logit_multiplier(cfg)
     if not h.enabled:
         rules, lr, weight_decay = "off", o.lr, o.weight_decay
         factors = dict(depth_factor=1.0, token_factor=1.0, batch_factor=1.0)
     else:
-        token_rule = h.token_rule and o.name == "sphere_muon"
-        factors = dict(
-            depth_factor=depth_factor(shape.depth, h.base_depth) if h.depth_rule else 1.0,
-            token_factor=token_factor(tokens, h.base_tokens, h.token_exponent) if token_rule else 1.0,
-            batch_factor=batch_factor(batch_tokens, h.base_batch_tokens) if h.batch_rule else 1.0,
-        )
-        lr = h.base_lr * factors["depth_factor"] * factors["token_factor"] * factors["batch_factor"]
+        factors = lr_factors(depth=shape.depth, base_depth=h.base_depth, tokens=tokens, base_tokens=h.base_tokens,
+                             batch_tokens=batch_tokens, base_batch_tokens=h.base_batch_tokens,
+                             token_exponent=h.token_exponent, depth_rule=h.depth_rule,
+                             token_rule=h.token_rule and o.name == "sphere_muon", batch_rule=h.batch_rule)
+        lr = compose_lr(h.base_lr, factors)
         rules = {"sphere_muon": "hyperp", "muon": "muon_baseline", "adamw": "depth_mup"}[o.name]
         weight_decay = (muon_weight_decay(o.weight_decay, shape.depth, h.base_depth) if o.name == "muon"
                         else o.weight_decay)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from hyperp_megatron.config import Config, ModelConfig
+from hyperp_megatron.config import Config
 from hyperp_megatron.derived import DerivedRun, derive
 from hyperp_megatron.hardware import MEMORY_HEADROOM
 
@@ -46,11 +46,6 @@ class Proposal:
             return str(value).lower() if isinstance(value, bool) else str(value)
 
         return " ".join(f"--{key} {text(value)}" for key, value in self.overrides.items())
-
-
-def _has_recompute(model: ModelConfig) -> bool:
-    # model.recompute comes with the recompute change (issue 23 item 5); without it no recompute is proposed.
-    return "recompute" in {f.name for f in dataclasses.fields(model)}
 
 
 def _replace(cfg: Config, overrides: dict) -> Config:
@@ -109,7 +104,7 @@ def less_activation_memory(cfg: Config, gpu_memory_gib: float, world_size: int,
                            vocab_size: int | None = None) -> Proposal | None:
     """The cheapest change at the same layout that fits: selective recompute, then halved micro-batches (down
     to 1), then full recompute (with the configured micro-batch first). None when none fits."""
-    recompute = _has_recompute(cfg.model) and cfg.model.recompute
+    recompute = cfg.model.recompute
     candidates = []
     if recompute == "none":
         candidates.append({"model.recompute": "selective"})

@@ -1,4 +1,4 @@
-"""Stability indicators (HYPERP.md section 5) and the non-finite step policy.
+"""Stability indicators (docs/method.md section 5) and the non-finite step policy.
 
 Every ``monitor.interval`` optimizer steps, :class:`StabilityMonitor` records, without gradient and
 over all micro-batches of that step, per layer (keys ``monitor/<name>/layerNN``) and averaged over

@@ -49,15 +49,13 @@ def resume_restarts_from_step_0():
 
 @contextlib.contextmanager
 def sphere_radius_per_shard():
-    """The all-reduce of the per-shard squared norms (``SphereMuon._sum_over_shards`` in the loop,
-    ``sphere_batched.all_reduce_by_group`` in the batched step) is skipped: each TP shard is retracted to
-    its own norm instead of the whole matrix's."""
-    from hyperp_megatron.optim import sphere_batched, sphere_muon
+    """The all-reduce of the per-shard squared norms (``sphere_batched.all_reduce_by_group`` in the step) is
+    skipped: each TP shard is retracted to its own norm instead of the whole matrix's."""
+    from hyperp_megatron.optim import sphere_batched
 
-    loop, batched = sphere_muon._sum_over_shards, sphere_batched.all_reduce_by_group
-    with mock.patch.object(sphere_muon, "_sum_over_shards", lambda stats_list, group: loop(stats_list, None)), \
-            mock.patch.object(sphere_batched, "all_reduce_by_group",
-                              lambda entries: batched([(None, tensor) for _, tensor in entries])):
+    summed = sphere_batched.all_reduce_by_group
+    with mock.patch.object(sphere_batched, "all_reduce_by_group",
+                           lambda entries: summed([(None, tensor) for _, tensor in entries])):
         yield
 
 

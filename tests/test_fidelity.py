@@ -159,7 +159,7 @@ def _expert_grads(step: int):
 def _run_experts(indices, sphere_key, sphere_group):
     weights = _expert_weights()
     params = [torch.nn.Parameter(weights[i].clone()) for i in indices]
-    layouts = {p: ParamLayout("sphere_muon", batch_key="layer0.fc1", is_expert=True, sphere_key=sphere_key,
+    layouts = {p: ParamLayout("sphere_muon", is_expert=True, sphere_key=sphere_key,
                               sphere_group=sphere_group) for p in params}
     optimizer = SphereMuon(params, layouts, lr=LR)
     for step in range(STEPS):

@@ -1,4 +1,4 @@
-"""The HyperP parameterization in the real Megatron model (HYPERP.md section 2): residual-branch
+"""The HyperP parameterization in the real Megatron model (docs/method.md section 2): residual-branch
 multiplier, QK-norm, softmax scale and per-head gate are in the module tree and act numerically;
 initial sphere radii; the Muon baseline's logit multiplier; the gated model at TP=2 (+SP) = TP=1."""
 

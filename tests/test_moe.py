@@ -1,4 +1,4 @@
-"""MoE with SqrtGate (HYPERP.md section 4) on Megatron-Core.
+"""MoE with SqrtGate (docs/method.md section 4) on Megatron-Core.
 
 - the MoE layer equals a direct per-token reference (top-k on the logits, softmax over the k,
   sqrt gates, sqrt(1/2) shared-expert mix; plain gates: plain sum);

@@ -1,4 +1,4 @@
-"""Stability monitors (HYPERP.md section 5) and the non-finite step guard.
+"""Stability monitors (docs/method.md section 5) and the non-finite step guard.
 
 - the statistics against direct computations: attention LSE from explicit scores, outliers planted in a
   tensor, MaxVio on known counts;

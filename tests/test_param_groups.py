@@ -76,32 +76,36 @@ class FakeGroup:
         return self._size
 
 
-def _layout(name: str, param: torch.Tensor, optimizer_name: str = "sphere_muon", chunk_index: int = 0):
+def _layout(name: str, param: torch.Tensor, optimizer_name: str = "sphere_muon", chunk_index: int = 0,
+            expert_sphere: str = "per_layer"):
     config = SimpleNamespace(num_attention_heads=8, num_query_groups=2, kv_channels=16)
-    groups = SimpleNamespace(tp=FakeGroup(2), expt_tp=FakeGroup(4))
+    groups = SimpleNamespace(tp=FakeGroup(2), expt_tp=FakeGroup(4), ep=FakeGroup(2))
     return layout_for(name, param, optimizer_name=optimizer_name, config=config, pg_collection=groups,
-                      chunk_index=chunk_index)
+                      chunk_index=chunk_index, expert_sphere=expert_sphere)
 
 
 def test_te_grouped_experts_layout():
     """TE's grouped experts carry no tensor-parallel attributes: fc1 is column-parallel (rows, dim 0),
-    fc2 row-parallel (dim 1), over the expert-TP group; one batched Newton-Schulz per layer and fc."""
+    fc2 row-parallel (dim 1), over the expert-TP group; under per_layer one sphere per layer and fc."""
     fc1_0 = _layout("decoder.layers.2.mlp.experts.linear_fc1.weight0", torch.zeros(8, 4))[1]
     fc1_12 = _layout("decoder.layers.2.mlp.experts.linear_fc1.weight12", torch.zeros(8, 4))[1]
     fc2_7 = _layout("decoder.layers.2.mlp.experts.linear_fc2.weight7", torch.zeros(4, 8))[1]
     other_layer = _layout("decoder.layers.3.mlp.experts.linear_fc1.weight0", torch.zeros(8, 4))[1]
     assert (fc1_0.rule, fc1_0.partition_dim, fc1_0.group.size(), fc1_0.is_expert) == ("sphere_muon", 0, 4, True)
     assert (fc2_7.partition_dim, fc2_7.group.size(), fc2_7.is_expert) == (1, 4, True)
-    assert fc1_0.batch_key == fc1_12.batch_key == "chunk0.decoder.layers.2.experts.fc1"
-    assert fc2_7.batch_key == "chunk0.decoder.layers.2.experts.fc2"
-    assert other_layer.batch_key != fc1_0.batch_key
+    assert fc1_0.sphere_key == fc1_12.sphere_key == "chunk0.decoder.layers.2.experts.fc1"
+    assert fc2_7.sphere_key == "chunk0.decoder.layers.2.experts.fc2"
+    assert other_layer.sphere_key != fc1_0.sphere_key
+    per_expert = _layout("decoder.layers.2.mlp.experts.linear_fc1.weight0", torch.zeros(8, 4),
+                         expert_sphere="per_expert")[1]
+    assert per_expert.sphere_key is None and per_expert.sphere_group is None
 
 
 def test_sequential_experts_and_dense_layouts_follow_megatron_attributes():
     expert = torch.zeros(8, 4)
     expert.tensor_model_parallel, expert.partition_dim = True, 1
     layout = _layout("decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight", expert)[1]
-    assert (layout.partition_dim, layout.group.size(), layout.batch_key) == (
+    assert (layout.partition_dim, layout.group.size(), layout.sphere_key) == (
         1, 4, "chunk0.decoder.layers.2.experts.fc2")
     qkv = torch.zeros(48, 4)
     qkv.tensor_model_parallel, qkv.partition_dim = True, 0
@@ -118,7 +122,7 @@ def test_te_norms_and_biases_are_adamw_without_a_group(optimizer_name):
                  "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
                  "decoder.layers.2.mlp.experts.linear_fc2.bias7"):
         role, layout = _layout(name, torch.zeros(4), optimizer_name)
-        assert (layout.rule, layout.group, layout.batch_key) == ("adamw", None, None), name
+        assert (layout.rule, layout.group, layout.sphere_key) == ("adamw", None, None), name
 
 
 def _table_rows(text: str) -> list[list[str]]:

@@ -1,5 +1,6 @@
-"""The batched sphere step (``optim/sphere_batched.py``): the per-matrix loop's results, a checkpoint round
-trip, fewer aten ops than ``torch.optim.Muon`` on the d8 hidden matrices, and ``optim.ns_dtype``."""
+"""The batched sphere step (``optim/sphere_batched.py``, SphereMuon's one step): the reference's results for every
+rule and layout and for shared spheres, a checkpoint round trip, fewer aten ops than ``torch.optim.Muon`` on the
+d8 hidden matrices, and ``optim.ns_dtype``."""
 
 import copy
 import math
@@ -8,10 +9,12 @@ import pytest
 import torch
 
 from hyperp_megatron.op_counters import count_aten_ops
-from hyperp_megatron.optim import ParamLayout, SphereMuon
+from hyperp_megatron.optim import ParamLayout, ReferenceOptimizer, SphereMuon
+from hyperp_megatron.optim import reference
 from hyperp_megatron.optim.newton_schulz import newton_schulz5
 from hyperp_megatron.optim.builder import ns_compute_dtype
-from test_sphere_muon import full_weights, local_tensors, make_optimizer, relative_errors, run_steps
+from test_sphere_muon import (full_weights, local_tensors, make_optimizer, reference_weights, relative_errors,
+                              run_steps)
 
 pytestmark = [pytest.mark.tier("unit"), pytest.mark.usefixtures("one_thread")]
 
@@ -48,29 +51,59 @@ def count_step_ops(optimizer) -> int:
 def test_batched_step_issues_fewer_ops_than_torch_muon(rule, measured):
     shapes = d8_hidden_shapes()
     counts = {}
-    for name, batched, dtype in (("batched_bf16_ns", True, torch.bfloat16), ("batched_fp32_ns", True, None),
-                                 ("loop_bf16_ns", False, torch.bfloat16)):
+    for name, dtype in (("batched_bf16_ns", torch.bfloat16), ("batched_fp32_ns", None)):
         params = _params(shapes)
         counts[name] = count_step_ops(SphereMuon(params, {p: ParamLayout(rule) for p in params}, lr=0.02,
-                                                 ns_compute_dtype=dtype, batched=batched))
+                                                 ns_compute_dtype=dtype))
     counts["torch_muon"] = count_step_ops(torch.optim.Muon(_params(shapes), lr=0.02, weight_decay=0.0))
+    params = _params(shapes)
+    counts["reference_per_matrix"] = count_step_ops(ReferenceOptimizer(
+        {str(index): (param, rule) for index, param in enumerate(params)}, lr=0.02))
     ratio = counts["batched_bf16_ns"] / counts["torch_muon"]
     measured("sphere_step_ops", rule, {**counts, "ratio_to_torch_muon": ratio})
     assert ratio <= OP_RATIO_TARGET, counts
-    assert counts["loop_bf16_ns"] > 2 * counts["torch_muon"], counts  # control: the loop is what it replaced
+    # control: the same math per matrix (the reference; what the batching replaced) issues several times the ops
+    assert counts["reference_per_matrix"] > 3 * counts["batched_fp32_ns"], counts
 
 
-def test_batched_equals_the_loop_for_every_rule_and_layout():
+def test_batched_equals_the_reference_for_every_rule_and_layout():
     """Fused QKV (pieces in different batches), experts, router, Muon baseline, output layer (sphere_adam),
-    AdamW: the batched and per-matrix steps agree to rounding over several steps."""
-    local = local_tensors(full_weights())
-    results = []
-    for batched in (True, False):
-        params, optimizer = make_optimizer(local, batched=batched)
-        run_steps(params, optimizer, 0, 4)
-        results.append({name: p.detach() for name, p in params.items()})
-    errors = relative_errors(results[0], results[1])
+    AdamW: the batched step and the per-matrix reference agree to rounding over several steps."""
+    params, optimizer = make_optimizer(local_tensors(full_weights()))
+    run_steps(params, optimizer, 0, 4)
+    errors = relative_errors({name: p.detach() for name, p in params.items()}, local_tensors(reference_weights(4)))
     assert max(errors.values()) < 2e-6, errors
+
+
+def test_shared_sphere_equals_one_sphere_over_its_members():
+    """``sphere_key`` (optim.expert_sphere per_layer): the members keep one Newton-Schulz each but take ONE
+    sphere step, as the reference's sphere step on the stacked members with their stacked directions; the
+    other parameters of the batch (same shape, no key) keep their own spheres."""
+    generator = torch.Generator().manual_seed(5)
+    shape, num_members, steps = (12, 8), 3, 3
+    weights = [(torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(shape[1]) for _ in range(num_members + 1)]
+    grads = [[torch.randn(shape, generator=generator) * (1 + i) for i in range(num_members + 1)] for _ in range(steps)]
+    params = [torch.nn.Parameter(weight.clone()) for weight in weights]
+    layouts = {param: ParamLayout("sphere_muon", sphere_key="layer0.fc1" if i < num_members else None)
+               for i, param in enumerate(params)}
+    optimizer = SphereMuon(params, layouts, lr=0.05)
+    expected = [weight.clone() for weight in weights]
+    shared_state, own_state, member_states = {}, {}, [{} for _ in range(num_members)]
+    for step in range(steps):
+        for param, grad in zip(params, grads[step]):
+            param.grad = grad.clone()
+        optimizer.step()
+        directions = [newton_schulz5(reference.nesterov_momentum(grads[step][i], member_states[i], 0.95))
+                      for i in range(num_members)]
+        stacked = torch.cat(expected[:num_members])
+        reference.sphere_step(stacked, torch.cat(directions), shared_state, lr=0.05, weight_decay=0.0)
+        expected[:num_members] = list(stacked.split(shape[0]))
+        reference.sphere_muon_update(expected[-1], grads[step][-1], own_state, lr=0.05, momentum=0.95,
+                                     weight_decay=0.0)
+    errors = relative_errors({i: p.detach() for i, p in enumerate(params)}, dict(enumerate(expected)))
+    assert max(errors.values()) < 1e-6, errors
+    moved = max(abs(float(p.detach().norm() / w.norm()) - 1) for p, w in zip(params[:num_members], weights))
+    assert moved > 1e-3  # members' own norms move: only their total is kept
 
 
 def test_batched_radius_follows_a_loaded_checkpoint():

@@ -84,25 +84,22 @@ def local_tensors(full: dict, rank: int = 0, world_size: int = 1, fuse_qkv: bool
     return local
 
 
-def layout_for(name: str, world_size: int = 1, tp_group=None, expert_tp_group=None, batch_experts=True):
+def layout_for(name: str, world_size: int = 1, tp_group=None, expert_tp_group=None):
     """The ParamLayout a model builder would give this (local) tensor."""
     if name == "qkv":
         split = QKVSplit(NUM_QUERY_GROUPS // world_size, Q_ROWS_PER_GROUP, HEAD_DIM)
         return ParamLayout("sphere_muon", tp_group, 0 if tp_group else None, qkv_split=split)
     _, rule, partition_dim = MATRICES[name]
     if name.startswith("expert"):
-        key = "experts.fc1" if batch_experts else None
-        return ParamLayout(rule, expert_tp_group, partition_dim if expert_tp_group else None, batch_key=key,
-                           is_expert=True)
+        return ParamLayout(rule, expert_tp_group, partition_dim if expert_tp_group else None, is_expert=True)
     group = tp_group if partition_dim is not None else None
     return ParamLayout(rule, group, partition_dim if group else None)
 
 
-def make_optimizer(local: dict, world_size: int = 1, tp_group=None, expert_tp_group=None,
-                   batch_experts=True, **kwargs):
+def make_optimizer(local: dict, world_size: int = 1, tp_group=None, expert_tp_group=None, **kwargs):
     params = {name: torch.nn.Parameter(tensor.clone()) for name, tensor in local.items()}
     layouts = {
-        param: layout_for(name, world_size, tp_group, expert_tp_group, batch_experts)
+        param: layout_for(name, world_size, tp_group, expert_tp_group)
         for name, param in params.items()
     }
     kwargs.setdefault("lr", LR)
@@ -225,17 +222,6 @@ def test_weight_decay_keeps_radius_and_changes_weights_only_to_second_order(meas
     measured("sphere_invariants", "weight_decay_0.1_effect_after_5_steps_rel", {
         "max": max(effects.values()), "second_order_bound_5x5_lr2_wd": 5 * 5 * LR**2 * 0.1,
         "first_order_would_be_5_lr_wd": 5 * LR * 0.1})
-
-
-def test_expert_batching_equals_unbatched():
-    local = local_tensors(full_weights())
-    results = []
-    for batch_experts in (True, False):
-        params, optimizer = make_optimizer(local, batch_experts=batch_experts)
-        run_steps(params, optimizer, 0, 4)
-        results.append({name: p.detach() for name, p in params.items()})
-    errors = relative_errors(results[0], results[1])
-    assert max(errors.values()) < 1e-6, errors
 
 
 def test_bf16_newton_schulz_keeps_the_sphere_and_tracks_fp32():
@@ -373,7 +359,7 @@ def test_invalid_layouts_raise():
         ParamLayout("sphere_muon", partition_dim=2)
     with pytest.raises(ValueError, match="needs partition_dim"):
         ParamLayout("sphere_muon", group=object())
-    with pytest.raises(ValueError, match="batch_key"):
-        ParamLayout("adamw", batch_key="experts")
+    with pytest.raises(ValueError, match="qkv_split applies"):
+        ParamLayout("adamw", qkv_split=QKVSplit(1, 4, 4))
     with pytest.raises(ValueError, match="positive int"):
         QKVSplit(0, 4, 4)

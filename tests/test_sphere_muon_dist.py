@@ -3,7 +3,7 @@
 TP=2 (gather and distributed Newton-Schulz; column- and row-parallel shards, Megatron's fused QKV,
 vocab-parallel output layer, expert-TP experts), the collective count, layer-wise DP=2 and EP=2.
 Negative controls: blockwise (per-shard) Newton-Schulz, and each shard retracted to its own norm
-(the all-reduce in ``SphereMuon._sum_over_shards`` skipped), which keeps the total norm, so only the
+(the all-reduce in ``sphere_batched.all_reduce_by_group`` skipped), which keeps the total norm, so only the
 parity check sees it. Each worker runs once per module (a spawn costs seconds) and returns numbers;
 the tests assert on them.
 """

@@ -1,4 +1,4 @@
-"""HyperP transfer rules against numbers worked out by hand from HYPERP.md sections 2-4."""
+"""HyperP transfer rules against numbers worked out by hand from docs/method.md sections 2-4."""
 
 from __future__ import annotations
 

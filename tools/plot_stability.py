@@ -1,4 +1,4 @@
-"""Plot the stability indicators (HYPERP.md section 5) of one or several runs against steps and FLOPs.
+"""Plot the stability indicators (docs/method.md section 5) of one or several runs against steps and FLOPs.
 
 Usage:
     python tools/plot_stability.py runs/cpu_ladder/d2 runs/cpu_ladder/d4 runs/cpu_ladder/d8

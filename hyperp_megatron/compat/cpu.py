@@ -1,7 +1,7 @@
 """Run megatron-core 0.16.1 on the CPU (CPU tensors, gloo collectives): applied only when the decided
 device is the CPU (what it needs without TE/apex on any device is in :mod:`.without_te`).
 
-megatron-core assumes CUDA in a handful of ways (measured list in shared/MEGATRON_CPU.md):
+megatron-core assumes CUDA in a handful of ways (measured on megatron-core 0.16.1):
 
 1. ``torch.cuda.current_device()`` as the allocation device (tensor_parallel layers and mappings,
    param/grad buffers, DDP, p2p, the optimizer), ``torch.cuda`` RNG state in the RNG tracker, and

@@ -94,13 +94,13 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if p.tensor > 1 and not p.sequence_parallel:
             raise ValueError("an MoE model with parallel.tensor > 1 needs parallel.sequence_parallel: true "
                              "(Megatron's MoE layer refuses to train without it)")
-        if (m.ffn_size // m.moe.granularity) % p.expert_tensor_size:
+        if m.expert_ffn_size % p.expert_tensor_size:
             raise ValueError("expert FFN width (ffn / granularity) is not divisible by the expert tensor size")
         if cfg.optim.expert_sphere == "per_layer" and p.distributed_optimizer and cfg.optim.name == "sphere_muon":
             raise ValueError("optim.expert_sphere per_layer does not work with parallel.distributed_optimizer "
                              "(layer-wise updates split a layer's experts over ranks): use per_expert or turn it off")
-        if m.moe.shared_expert and (m.ffn_size // m.moe.granularity) % p.tensor:
-            raise ValueError(f"shared expert FFN width (ffn / granularity = {m.ffn_size // m.moe.granularity}) is not "
+        if m.moe.shared_expert and m.expert_ffn_size % p.tensor:
+            raise ValueError(f"shared expert FFN width (ffn / granularity = {m.expert_ffn_size}) is not "
                              f"divisible by parallel.tensor ({p.tensor}): the shared expert is tensor-parallel")
     elif p.expert > 1:
         raise ValueError("parallel.expert > 1 needs an MoE model (model.moe.sparsity > 0)")

@@ -76,6 +76,31 @@ def _build(cls, data: dict, section: str = ""):
     return cls(**kwargs)
 
 
+def redundant_keys(data: dict, cls=Config, section: str = "") -> list[str]:
+    """The dotted keys of a YAML config mapping whose value equals its field's default (after coercion): a
+    config file should state only what differs from the defaults (tests/test_config.py checks configs/).
+    Unknown keys and bad values are :func:`load_config`'s to report; they are skipped here."""
+    if not isinstance(data, dict):
+        return []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    found = []
+    for key, value in data.items():
+        if key not in hints:
+            continue
+        dotted = f"{section}.{key}" if section else key
+        if dataclasses.is_dataclass(hints[key]):
+            found += redundant_keys(value or {}, hints[key], dotted)
+            continue
+        try:
+            coerced = _coerce(value, hints[key], dotted)
+        except ValueError:
+            continue
+        if coerced == getattr(defaults, key):
+            found.append(dotted)
+    return found
+
+
 def parse_overrides(args: list[str]) -> dict:
     """``['--train.steps', '100', '--optim.lr=0.01']`` -> nested dict (values still strings)."""
     nested: dict = {}

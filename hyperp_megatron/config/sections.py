@@ -10,6 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyperp_megatron.transfer import (
+    PAPER_BASE_BATCH_TOKENS,
+    PAPER_BASE_DEPTH,
+    PAPER_BASE_LR_DENSE,
+    PAPER_BASE_TOKENS,
+    PAPER_TOKEN_EXPONENT,
+)
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron_local")
 """``model.attention_backend`` (``model/sdpa_attention.py``); only 'megatron_local' keeps s x s scores."""
 
@@ -27,7 +35,7 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 @dataclass
 class MoEConfig:
-    """Mixture of experts (HYPERP.md section 4). ``num_experts_total = 0`` means a dense model."""
+    """Mixture of experts (docs/method.md section 4). ``num_experts_total = 0`` means a dense model."""
 
     sparsity: int = 0
     """s: total experts = s * k (0 = dense MLP)."""
@@ -81,10 +89,14 @@ class MoEConfig:
         """How many phantom experts :meth:`padded_experts` adds per MoE layer (0 when EP divides the count)."""
         return self.padded_experts(expert_parallel) - self.num_routed_experts
 
+    def expert_ffn(self, ffn_size: int) -> int:
+        """FFN width of each expert (routed and shared): the dense width ``ffn_size`` over k."""
+        return ffn_size // self.granularity
+
 
 @dataclass
 class ModelConfig:
-    """The GPT architecture (HYPERP.md section 2): RMSNorm pre-norm, RoPE, SwiGLU, GQA, untied embeddings."""
+    """The GPT architecture (docs/method.md section 2): RMSNorm pre-norm, RoPE, SwiGLU, GQA, untied embeddings."""
 
     num_layers: int = 4
     """Depth d (transformer layers)."""
@@ -196,6 +208,11 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """FFN width of each expert (routed and shared): ffn_size / k (``MoEConfig.expert_ffn``)."""
+        return self.moe.expert_ffn(self.ffn_size)
 
 
 @dataclass
@@ -407,10 +424,14 @@ class CheckpointConfig:
     save_final: bool = True
     """Save when training ends."""
     resume: bool = True
-    """Resume from the run directory's latest complete checkpoint if there is one."""
+    """Resume from the run directory's newest intact checkpoint if there is one (every file checked against its
+    manifest; a damaged newer one is set aside as ``step_N.kept-K``, never overwritten; with none intact the run
+    stops with one line). false in a run directory that already holds checkpoints is refused: choose a new
+    logging.run_dir (docs/reliability.md)."""
     load: str | None = None
-    """Start from this checkpoint directory (or checkpoints root) while the run has none of its own; once it has
-    (a requeue or restart), it continues from its own latest (with checkpoint.resume)."""
+    """Start from this checkpoint (a ``step_*`` directory, a ``checkpoints/`` root or a run directory; no intact
+    checkpoint there is an error) while the run has none of its own; once it has (a requeue or restart), it
+    continues from its own latest (with checkpoint.resume)."""
     keep: int = 2
     """Complete checkpoints to keep (older ones are deleted; 0 keeps all)."""
     async_save: bool = False
@@ -422,24 +443,24 @@ class CheckpointConfig:
 
 @dataclass
 class HyperPConfig:
-    """HyperP transfer base values (HYPERP.md section 3)."""
+    """HyperP transfer base values (docs/method.md section 3)."""
 
     enabled: bool = False
     """Derive the LR (and token budget) from these base values instead of optim.lr."""
-    base_depth: int = 8
+    base_depth: int = PAPER_BASE_DEPTH
     """d0: depth at which eta0 was tuned."""
-    base_lr: float = 1.5e-2
+    base_lr: float = PAPER_BASE_LR_DENSE
     """eta0: base learning rate at d0, B0, T0."""
-    base_batch_tokens: float = 2**21
+    base_batch_tokens: float = PAPER_BASE_BATCH_TOKENS
     """B0: base batch in tokens."""
-    base_tokens: float = 10.4e9
+    base_tokens: float = PAPER_BASE_TOKENS
     """T0: training tokens at d0."""
     base_vocab_size: int | None = None
     """V0: the vocabulary the base values were tuned with (the reference family: 32000), or None. N(d) counts
     the embedding and output layer (2 V C), so a run with another vocabulary gets another default token
     budget and LR; when V0 is set and differs from the run's vocabulary, the trainer and ``hyperp-plan`` print
     one warning line with the values at V0 and at the run's vocabulary (``derived.vocab_change_line``)."""
-    token_exponent: float = -0.32
+    token_exponent: float = PAPER_TOKEN_EXPONENT
     """Exponent of the data-scaling law (T/T0)^exponent."""
     depth_rule: bool = True
     """Apply the Depth-muP factor sqrt(d0/d)."""
@@ -480,7 +501,7 @@ class LoggingConfig:
 
 @dataclass
 class MonitorConfig:
-    """Stability indicators (HYPERP.md section 5, ``monitors.py``) and the non-finite step guard."""
+    """Stability indicators (docs/method.md section 5, ``monitors.py``) and the non-finite step guard."""
 
     interval: int = 10
     """Compute and log the indicators every N optimizer steps (0 = off; the guard is always on)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hyperp_megatron.config import Config
-from hyperp_megatron.transfer import output_logit_multiplier
+from hyperp_megatron.derived import logit_multiplier
 
 QWEN3_NEXT_SHARED_GATE = 0.5
 """``sigmoid(0)``: Qwen3-Next's shared-expert gate with a zero gate row."""
@@ -84,11 +84,6 @@ def query_scale_ratio(cfg: Config) -> float:
     from hyperp_megatron.model.spec import BASE_HEAD_DIM
 
     return math.sqrt(BASE_HEAD_DIM / cfg.model.kv_channels) if cfg.model.hyperp_architecture else 1.0
-
-
-def logit_multiplier(cfg: Config) -> float:
-    """Our output-logit multiplier (``transfer.output_logit_multiplier``: ``d0/d`` under the Muon baseline)."""
-    return output_logit_multiplier(cfg.model.parameterization, cfg.model.num_layers, cfg.hyperp.base_depth)
 
 
 def shared_expert_mix(cfg: Config) -> float:

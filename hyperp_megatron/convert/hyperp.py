@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from hyperp_megatron.config import Config
-from hyperp_megatron.convert.folds import Folds, logit_multiplier, shared_expert_mix
+from hyperp_megatron.convert.folds import Folds, shared_expert_mix
 from hyperp_megatron.convert.targets import Reader, SpecialTokens, Target, mlp_from_hf, mlp_to_hf
+from hyperp_megatron.derived import logit_multiplier
 
 MODELING_FILE = Path(__file__).parent / "hf_modeling" / "modeling_hyperp.py"
 
@@ -34,7 +35,7 @@ class HyperPTarget(Target):
         from hyperp_megatron.model.spec import branch_multiplier, softmax_scale
 
         m, moe = cfg.model, cfg.model.moe
-        expert_width = m.ffn_size // moe.granularity if moe.enabled else 0
+        expert_width = m.expert_ffn_size if moe.enabled else 0
         scale = softmax_scale(m.kv_channels) if m.hyperp_architecture else 1 / math.sqrt(m.kv_channels)
         return {
             "architectures": [self.architecture], "model_type": self.model_type,

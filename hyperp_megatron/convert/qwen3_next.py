@@ -51,7 +51,7 @@ class Qwen3NextTarget(Target):
         from transformers import Qwen3NextConfig
 
         m, moe = cfg.model, cfg.model.moe
-        expert_width = m.ffn_size // moe.granularity if moe.enabled else 0
+        expert_width = m.expert_ffn_size if moe.enabled else 0
         config = Qwen3NextConfig(
             vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
             num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,

@@ -96,7 +96,7 @@ def mlp_from_hf(prefix: str, read: Reader, cfg: Config) -> dict[str, torch.Tenso
 
     if not m.moe.enabled:
         return glu("mlp", "mlp", m.ffn_size)
-    width = m.ffn_size // m.moe.granularity
+    width = m.expert_ffn_size
     out = {"router": read(f"{prefix}mlp.gate.weight", m.moe.num_routed_experts, C)}
     for j in range(m.moe.num_routed_experts):
         out.update(glu(f"mlp.experts.{j}", f"experts.{j}", width))

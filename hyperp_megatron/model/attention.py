@@ -1,4 +1,4 @@
-"""Per-head gated self-attention (HYPERP.md section 2, optional).
+"""Per-head gated self-attention (docs/method.md section 2, optional).
 
 Each head's attention output is multiplied by ``sigmoid(g_proj(x))`` before the output projection,
 one scalar per head and token. ``g_proj`` (``linear_gate``, ``C -> num_heads``, no bias) is a

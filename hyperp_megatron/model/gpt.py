@@ -11,13 +11,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from hyperp_megatron.compat import fused_kernel_flags
 from hyperp_megatron.config import Config
+from hyperp_megatron.derived import logit_multiplier as derived_logit_multiplier
 from hyperp_megatron.model.fp8 import check_fp8, fp8_config_kwargs
 from hyperp_megatron.model.init import initialize_parameters
 from hyperp_megatron.model.moe import experts_impl
 from hyperp_megatron.model.residual import keep_residual_stream_fp32
 from hyperp_megatron.model.spec import HAVE_TE, build_layer_spec, softmax_scale, use_transformer_engine
 from hyperp_megatron.parallel import process_group_device
-from hyperp_megatron.transfer import output_logit_multiplier
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
@@ -86,9 +86,8 @@ def transformer_config(cfg: Config, pg_collection, use_te: bool = False,
             # Rounded up to a multiple of EP with phantom experts (model/moe.py, docs/moe.md).
             num_moe_experts=m.moe.padded_experts(p.expert),
             moe_router_topk=m.moe.router_topk,
-            moe_ffn_hidden_size=m.ffn_size // m.moe.granularity,
-            moe_shared_expert_intermediate_size=(m.ffn_size // m.moe.granularity
-                                                 if m.moe.shared_expert else None),
+            moe_ffn_hidden_size=m.expert_ffn_size,
+            moe_shared_expert_intermediate_size=m.expert_ffn_size if m.moe.shared_expert else None,
             moe_token_dispatcher_type=m.moe.token_dispatcher,
             moe_aux_loss_coeff=m.moe.aux_loss_coeff,
             moe_router_load_balancing_type="global_aux_loss",
@@ -121,8 +120,7 @@ def build_model(cfg: Config, pg_collection, vocab_size: int, device: torch.devic
     identically for every parallel layout and device. ``logit_multiplier``: the run's derived output-logit
     multiplier (``DerivedRun.output_logit_multiplier``; default: the rule for ``cfg``)."""
     if logit_multiplier is None:
-        logit_multiplier = output_logit_multiplier(cfg.model.parameterization, cfg.model.num_layers,
-                                                   cfg.hyperp.base_depth)
+        logit_multiplier = derived_logit_multiplier(cfg)
     device = _device_or_default(device)
     use_te = check_device_support(cfg, device)
     tf_config = transformer_config(cfg, pg_collection, use_te, device)

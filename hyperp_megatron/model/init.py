@@ -2,7 +2,7 @@
 (seed, its canonical name), then this rank keeps its shard. The full matrices are therefore the same
 for any TP / PP / EP size, so different layouts start from identical weights.
 
-By role (``model/params.py``), HyperP (HYPERP.md section 2): hidden matrices (router and experts included)
+By role (``model/params.py``), HyperP (docs/method.md section 2): hidden matrices (router and experts included)
 ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` so the sphere radius is ``R ~ sqrt(fan_out/3)``; output layer
 ``N(0, model.output_init_std^2)`` (the reference's 0.02); embedding ``N(0, 1e-4^2)``; norm gains 1, biases 0, phantom experts 0 (the same for the
 'muon' baseline, so that side-by-side runs start from the same weights). Standard: Megatron's

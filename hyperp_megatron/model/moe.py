@@ -1,4 +1,4 @@
-"""HyperP's MoE layer on Megatron-Core (HYPERP.md section 4), through the MoE module spec:
+"""HyperP's MoE layer on Megatron-Core (docs/method.md section 4), through the MoE module spec:
 
 - ``MoESubmodules.router``: :class:`~hyperp_megatron.model.router.SqrtGateRouter` (SqrtGate or plain
   combine weights, the global switch load-balancing loss);

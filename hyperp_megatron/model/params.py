@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("hidden_matrix", "output", "embedding", "norm", "bias")
-"""What a role is to the method (HYPERP.md section 1): hidden matrices live on spheres; the output layer,
+"""What a role is to the method (docs/method.md section 1): hidden matrices live on spheres; the output layer,
 embeddings, norm gains and biases do not."""
 
 ROUTED_EXPERT = re.compile(  # also a bare MoE layer's names (``experts.*``, tests build one)
@@ -101,8 +101,8 @@ def writes_residual(name: str) -> bool:
     return bool(_RESIDUAL_WRITER.search(name))
 
 
-def expert_batch_key(chunk_index: int, name: str) -> str:
-    """The routed experts of one layer and one of fc1 / fc2 (a batched Newton-Schulz, a per-layer sphere)."""
+def expert_sphere_key(chunk_index: int, name: str) -> str:
+    """The routed experts of one layer and one of fc1 / fc2 (their sphere under optim.expert_sphere per_layer)."""
     match = ROUTED_EXPERT.search(name)
     assert match is not None, f"{name!r} is not a routed expert"
     fc = match.group(2) or match.group(3)

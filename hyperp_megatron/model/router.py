@@ -1,4 +1,4 @@
-"""SqrtGate router and the switch load-balancing loss over the global batch (HYPERP.md section 4).
+"""SqrtGate router and the switch load-balancing loss over the global batch (docs/method.md section 4).
 
 :class:`SqrtGateRouter` is a Megatron ``TopKRouter`` that overrides ``routing()`` only; it is plugged
 into ``MoESubmodules.router`` by :func:`hyperp_megatron.model.moe.moe_layer_spec`.

@@ -41,11 +41,11 @@ except ImportError:  # pragma: no cover - depends on the machine
     HAVE_TE = False
 
 BASE_HEAD_DIM = 128
-"""hd0 of the softmax scale sqrt(hd0)/hd (HYPERP.md section 2)."""
+"""hd0 of the softmax scale sqrt(hd0)/hd (docs/method.md section 2)."""
 
 
 def residual_multiplier(num_layers: int) -> float:
-    """Branch multiplier 1/sqrt(2d) (Depth-muP, HYPERP.md section 2)."""
+    """Branch multiplier 1/sqrt(2d) (Depth-muP, docs/method.md section 2)."""
     return 1.0 / math.sqrt(2 * num_layers)
 
 

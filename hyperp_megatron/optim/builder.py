@@ -211,7 +211,7 @@ def build_optimizer(cfg: Config, model_chunks: list, pg_collection, derived: Der
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
-    """All groups share one LR from the schedule (HYPERP.md section 1)."""
+    """All groups share one LR from the schedule (docs/method.md section 1)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 

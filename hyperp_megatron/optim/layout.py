@@ -52,8 +52,6 @@ class ParamLayout:
         experts); None when this rank holds the whole parameter.
     partition_dim: the sharded dim with ``group``: 0 = rows (column-parallel), 1 = cols (row-parallel).
     qkv_split: fused-QKV rows of this rank; Q, K and V become three matrices (matrix rules only).
-    batch_key: matrices with the same key and local shape share one batched Newton-Schulz
-        (e.g. "layer3.experts.fc1"); None = not batched with other parameters.
     is_expert: use the expert data-parallel group in layer-wise mode.
     sphere_key: sphere rules only: parameters with the same key share ONE sphere (one radius, one
         step norm, one retraction over all of them), e.g. every routed expert of a layer
@@ -66,7 +64,6 @@ class ParamLayout:
     group: dist.ProcessGroup | None = None
     partition_dim: int | None = None
     qkv_split: QKVSplit | None = None
-    batch_key: Hashable | None = None
     is_expert: bool = False
     sphere_key: Hashable | None = None
     sphere_group: dist.ProcessGroup | None = None
@@ -78,8 +75,8 @@ class ParamLayout:
             raise ValueError(f"partition_dim must be None, 0 (rows) or 1 (cols), got {self.partition_dim!r}")
         if self.group is not None and self.partition_dim is None:
             raise ValueError("a ParamLayout with a group needs partition_dim (the dim the group shards)")
-        if self.rule not in MATRIX_RULES and (self.qkv_split is not None or self.batch_key is not None):
-            raise ValueError(f"qkv_split and batch_key apply to {MATRIX_RULES} only, not {self.rule!r}")
+        if self.rule not in MATRIX_RULES and self.qkv_split is not None:
+            raise ValueError(f"qkv_split applies to {MATRIX_RULES} only, not {self.rule!r}")
         if self.sphere_key is not None and (self.rule not in SPHERE_RULES or self.qkv_split is not None):
             raise ValueError(f"sphere_key applies to whole {SPHERE_RULES} matrices only, not {self.rule!r} "
                              "or a fused QKV")

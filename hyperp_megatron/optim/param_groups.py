@@ -1,7 +1,7 @@
 """Parameter roles (``model/params.py``) -> update rule and layout (``ParamLayout``) for SphereMuon.
 
 Every trainable parameter has exactly one role (by name, never by ``ndim``; asserted); an unknown name
-raises ``ValueError``. All groups use the same LR ``eta`` from the schedule (HYPERP.md section 1).
+raises ``ValueError``. All groups use the same LR ``eta`` from the schedule (docs/method.md section 1).
 
 | role | parameter (name suffix) | sphere_muon rule | muon rule | LR | sharded by (dim) |
 |---|---|---|---|---|---|
@@ -21,12 +21,12 @@ raises ``ValueError``. All groups use the same LR ``eta`` from the schedule (HYP
 ``mlp.experts.linear_fc{1,2}.weight{i}``.) Weight decay of the sphere_muon / sphere_adam / muon rows: the run's
 derived matrix weight decay (``derived.DerivedRun.weight_decay``): ``optim.weight_decay``, 0 by default; under
 ``muon`` the baseline's ``wd0`` becomes ``wd0 d0 / d`` with ``hyperp.enabled``. On the sphere a non-zero value
-cannot shrink the radius (HYPERP.md section 1, step 4).
+cannot shrink the radius (docs/method.md section 1, step 4).
 
 The layout of a matrix comes from Megatron's parameter attributes and the role's process group
 (``params.shard_layout``): the TP group, or the expert-TP group for routed experts (which also get
-``is_expert`` and a per-layer ``batch_key``: the experts of one layer are orthogonalized in one batched
-Newton-Schulz).
+``is_expert``, and under ``optim.expert_sphere: per_layer`` the layer's ``sphere_key``). The step batches
+same-shape matrices of all layers by itself (``optim/sphere_batched.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyperp_megatron.model.params import ROLES, expert_batch_key, role_of, shard_layout, unwrap
+from hyperp_megatron.model.params import ROLES, expert_sphere_key, role_of, shard_layout, unwrap
 from hyperp_megatron.optim.layout import ParamLayout, QKVSplit
 
 RULES_BY_ROLE: dict[str, tuple[str, str]] = {
@@ -106,10 +106,9 @@ def layout_for(name: str, param: torch.Tensor, *, optimizer_name: str, config, p
     is_expert = role == "routed_expert"
     group, partition_dim = shard_layout(name, param, pg_collection)
     qkv_split = _qkv_split(config, pg_collection.tp.size()) if role == "qkv" else None
-    batch_key = expert_batch_key(chunk_index, name) if is_expert else None
     shared = is_expert and expert_sphere == "per_layer" and rule == "sphere_muon"
     return role, ParamLayout(rule, group=group, partition_dim=partition_dim, qkv_split=qkv_split,
-                             batch_key=batch_key, is_expert=is_expert, sphere_key=batch_key if shared else None,
+                             is_expert=is_expert, sphere_key=expert_sphere_key(chunk_index, name) if shared else None,
                              sphere_group=pg_collection.ep if shared else None)
 
 

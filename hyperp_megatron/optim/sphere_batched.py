@@ -1,4 +1,4 @@
-"""The batched form of SphereMuon's matrix step: the same math as the per-matrix loop, fewer and larger ops.
+"""The matrix rules of ``SphereMuon`` (``sphere_muon``, ``muon``), batched across layers: its one production step.
 
 Every matrix piece (a whole matrix, or one Q/K/V piece of a fused QKV) of the rules ``sphere_muon`` and
 ``muon`` joins the batch of all pieces with the same local shape, sharding (group, partitioned dim,
@@ -10,12 +10,15 @@ Newton-Schulz mode), rule and param group, across layers:
 - sphere statistics ``||W||^2``, ``<W, D>``, ``||D||^2``: one batched matmul of the stacked ``[W, D]`` pairs;
   the statistics of every batch (and of the per-parameter ``sphere_adam`` rule) that belong to one
   process group go in ONE all-reduce, none when nothing is sharded;
+- shared spheres (``ParamLayout.sphere_key``, e.g. all routed experts of a layer on one sphere): the
+  statistics of their members are summed (:func:`sum_shared_spheres`, one more all-reduce over the
+  expert-parallel group) before the step, which is then the same as for any other sphere;
 - retraction ``W <- R (c W - s D) / ||c W - s D||``: elementwise on the stack with per-matrix scalars
-  (no host sync), written back with one ``torch._foreach_copy_``.
+  (``updates.sphere_scales``; no host sync), written back with one ``torch._foreach_copy_``.
 
-Shared spheres (``ParamLayout.sphere_key``) are not batched: ``SphereMuon`` uses its loop for them.
 The radius of each piece is read from the per-parameter state once and kept stacked per batch (it is
 constant; the cache is rebuilt when a state tensor is replaced or modified, e.g. by loading a checkpoint).
+``optim/reference.py`` is the single-device parity target of this step.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from hyperp_megatron.optim.newton_schulz import orthogonalize
+from hyperp_megatron.optim.updates import sphere_scales
 
 SPHERE_RULE = "sphere_muon"
 
@@ -177,14 +181,9 @@ def sphere_update(batch: MatrixBatch, weights: torch.Tensor, directions: torch.T
     stats; the norm of ``c W - s D`` is expanded from them (no second reduction). In place on ``weights``."""
     weight_sq, weight_dot_direction, _, direction_sq = stats.unbind(1)
     radius = _radius(batch, state, weight_sq, fresh)
-    direction_norm = direction_sq.sqrt()
-    # An all-zero direction (zero gradient) gives no step rather than 0 * inf = NaN.
-    step_scale = torch.where(direction_norm > 0, (lr * radius) / direction_norm, 0.0)
-    new_weight_sq = (decay**2) * weight_sq - (2 * decay) * step_scale * weight_dot_direction \
-        + step_scale.square() * direction_sq
-    retraction = radius / new_weight_sq.sqrt()
-    weights.mul_((retraction * decay).view(-1, 1, 1))
-    return weights.addcmul_(directions, (retraction * step_scale).view(-1, 1, 1), value=-1.0)
+    weight_scale, direction_scale = sphere_scales(radius, weight_sq, weight_dot_direction, direction_sq, lr, decay)
+    weights.mul_(weight_scale.view(-1, 1, 1))
+    return weights.addcmul_(directions, direction_scale.view(-1, 1, 1), value=-1.0)
 
 
 def muon_update(batch: MatrixBatch, weights: torch.Tensor, orthogonal: torch.Tensor, lr: float,
@@ -209,3 +208,45 @@ def write_back(batches: list[MatrixBatch], new_weights: list[torch.Tensor]) -> N
         torch._foreach_copy_(targets, sources)
     for planned, pieces in pieces_of.items():
         planned.param.copy_(planned.merge_pieces([pieces[i] for i in sorted(pieces)]))
+
+
+def sum_shared_spheres(members: list, stats_list: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Members (``PlannedParam``) with the same ``layout.sphere_key`` form one sphere: each gets the sum of
+    their (whole-matrix) statistics, over the local members and then over ``layout.sphere_group`` (one
+    all-reduce per group, all keys in one flat buffer). Others keep their own. Each member's stats hold one
+    piece (no fused QKV); any shape."""
+    keyed: dict[tuple, list[int]] = {}
+    for index, planned in enumerate(members):
+        if planned.layout.sphere_key is not None:
+            group = planned.layout.sphere_group
+            keyed.setdefault((id(group), planned.layout.sphere_key), []).append(index)
+    if not keyed:
+        return stats_list
+    out = list(stats_list)
+    by_group: dict[int, tuple] = {}
+    for (group_id, _), indices in keyed.items():  # keys in parameter order: the same on every rank
+        group = members[indices[0]].layout.sphere_group
+        by_group.setdefault(group_id, (group, []))[1].append(indices)
+    for group, index_lists in by_group.values():
+        flat = torch.stack([torch.stack([stats_list[i] for i in indices]).sum(dim=0) for indices in index_lists])
+        if group is not None and dist.get_world_size(group) > 1:
+            # The expert-parallel group: the other members of each sphere (other experts of the layer) live there.
+            dist.all_reduce(flat, group=group)
+        for total, indices in zip(flat.unbind(), index_lists):
+            for i in indices:
+                out[i] = total
+    return out
+
+
+def share_batched_spheres(batches: list[MatrixBatch], stats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The (batch, 4) statistics of the ``sphere_muon`` batches with each shared sphere's members summed
+    (:func:`sum_shared_spheres`); unchanged (no op) when no matrix has a ``sphere_key``."""
+    members = [planned for batch in batches for planned, _ in batch.items]
+    if all(planned.layout.sphere_key is None for planned in members):
+        return stats
+    rows = sum_shared_spheres(members, [row for batch_stats in stats for row in batch_stats.unbind()])
+    out, start = [], 0
+    for batch in batches:
+        out.append(torch.stack(rows[start:start + len(batch.items)]))
+        start += len(batch.items)
+    return out

@@ -22,9 +22,9 @@ The rules' tensor math is in ``optim/updates.py``, the per-parameter layout in `
 module orchestrates a step. Distributed form. Each parameter comes with a ``ParamLayout`` saying which
 group shards it:
 - Newton-Schulz is done on the whole matrix ("gather") or with all-reduced Gram matrices
-  ("distributed"), see ``newton_schulz.orthogonalize``. The default step (``optim/sphere_batched.py``)
-  batches every same-shape matrix piece of all layers (momentum, Newton-Schulz, statistics, retraction);
-  the per-matrix loop (``batched=False``) batches the matrices that share a ``batch_key``.
+  ("distributed"), see ``newton_schulz.orthogonalize``. The step (``optim/sphere_batched.py``) batches
+  every same-shape matrix piece of all layers (momentum, Newton-Schulz, statistics, retraction); shared
+  spheres (``ParamLayout.sphere_key``) are a case of it (their members' statistics summed).
 - The sphere needs ``||W||^2``, ``<W, D>`` and ``||D||^2`` per matrix (per Q/K/V piece, per expert).
   ``||W - s D||^2`` is expanded from these three, so the retraction needs no second reduction: all
   scalars of one step that belong to one process group travel in ONE flat buffer, ONE all-reduce.
@@ -50,15 +50,9 @@ from hyperp_megatron.optim.layout import (
     PlannedParam,
     newton_schulz_cost,
 )
-from hyperp_megatron.optim.newton_schulz import NS_MODES, orthogonalize, supports_distributed_mode
-from hyperp_megatron.optim.updates import (
-    adam_direction,
-    decay_factor,
-    adamw_step,
-    muon_step,
-    nesterov_momentum,
-    retracted_sphere_step,
-)
+from hyperp_megatron.optim.newton_schulz import NS_MODES, supports_distributed_mode
+from hyperp_megatron.optim.sphere_batched import sum_shared_spheres
+from hyperp_megatron.optim.updates import adam_direction, adamw_step, decay_factor, retracted_sphere_step
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +100,6 @@ class SphereMuon(torch.optim.Optimizer):
         ns_compute_dtype: None (fp32 state dtype) or torch.bfloat16 for the Newton-Schulz iterations.
         layer_wise_dp_group / layer_wise_expert_dp_group: the data-parallel group over which dense /
             expert (``is_expert``) parameters are split layer-wise; None = updated on every rank.
-        batched: True (default): the matrix rules in same-shape batches across layers
-            (``sphere_batched``; shared spheres use the loop); False: the per-matrix loop (same math;
-            ``ParamLayout.batch_key`` decides its Newton-Schulz batches).
     """
 
     def __init__(
@@ -126,7 +117,6 @@ class SphereMuon(torch.optim.Optimizer):
         ns_compute_dtype: torch.dtype | None = None,
         layer_wise_dp_group: dist.ProcessGroup | None = None,
         layer_wise_expert_dp_group: dist.ProcessGroup | None = None,
-        batched: bool = True,
     ) -> None:
         if ns_mode not in NS_MODES:
             raise ValueError(f"ns_mode must be one of {NS_MODES}, got {ns_mode!r}")
@@ -136,7 +126,6 @@ class SphereMuon(torch.optim.Optimizer):
         self.ns_compute_dtype = ns_compute_dtype
         self.layer_wise_dp_group = layer_wise_dp_group
         self.layer_wise_expert_dp_group = layer_wise_expert_dp_group
-        self.batched = batched
         self._batches: tuple[tuple, list[sphere_batched.MatrixBatch]] = ((), [])
         self._layout_by_param_id = {id(param): layout for param, layout in layouts.items()}
         self._plan: list[PlannedParam] | None = None
@@ -214,37 +203,14 @@ class SphereMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        """One step of every parameter updated here with a gradient: the matrix rules batched across layers
+        (``sphere_batched``), the others per parameter (``updates``); one all-reduce per process group for
+        all sphere scalars (plus one per sphere group for shared spheres); no host synchronization."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         owned = [p for p in self._get_plan() if p.updated_here and p.param.grad is not None]
-        if self.batched and not any(p.layout.sphere_key is not None for p in owned):
-            self._batched_step(owned)
-            self._all_gather_layer_wise_params()
-            return loss
-        directions: dict[PlannedParam, torch.Tensor] = {}
-        for planned in owned:
-            hyper, state = self.param_groups[planned.group_index], self.state[planned.param]
-            grad = planned.param.grad.float()
-            if planned.layout.rule in MATRIX_RULES:
-                directions[planned] = nesterov_momentum(grad, state, hyper["momentum"])
-            else:
-                directions[planned] = adam_direction(grad, state, hyper["betas"], hyper["eps"])
-        matrices = [p for p in owned if p.layout.rule in MATRIX_RULES]
-        directions.update(self._orthogonalize_in_batches(matrices, directions))
-
-        for planned in owned:
-            if planned.layout.rule == "adamw":
-                adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
-            elif planned.layout.rule == "muon":
-                muon_step(planned, directions[planned], self.param_groups[planned.group_index])
-        self._sphere_steps([p for p in owned if p.layout.rule in SPHERE_RULES], directions)
-        self._all_gather_layer_wise_params()
-        return loss
-
-    def _batched_step(self, owned: list[PlannedParam]) -> None:
-        """The step of ``owned`` with the matrix rules batched across layers (``sphere_batched``)."""
         matrices = [p for p in owned if p.layout.rule in MATRIX_RULES]
         others = [p for p in owned if p.layout.rule not in MATRIX_RULES]
         directions = {p: adam_direction(p.param.grad.float(), self.state[p.param],
@@ -265,72 +231,28 @@ class SphereMuon(torch.optim.Optimizer):
             else:
                 stacked = sphere_batched.stack_pieces(batch, {p: p.param for p, _ in batch.items})
             weights.append(stacked)
+        spheres = [batch for batch in batches if batch.rule == "sphere_muon"]
         adam_spheres = [p for p in others if p.layout.rule == "sphere_adam"]
         entries += [(p.shard_group, _local_sphere_stats(p, directions[p])) for p in adam_spheres]
-        summed = iter(sphere_batched.all_reduce_by_group(entries))  # ONE all-reduce per group
+        summed = sphere_batched.all_reduce_by_group(entries)  # ONE all-reduce per group
+        sphere_stats = iter(sphere_batched.share_batched_spheres(spheres, summed[:len(spheres)]))
         for index, batch in enumerate(batches):
             hyper = self.param_groups[batch.group_index]
             if batch.rule == "sphere_muon":
-                sphere_batched.sphere_update(batch, weights[index], orthogonal[index], next(summed), self.state,
-                                             fresh, hyper["lr"], decay_factor(hyper))
+                sphere_batched.sphere_update(batch, weights[index], orthogonal[index], next(sphere_stats),
+                                             self.state, fresh, hyper["lr"], decay_factor(hyper))
             else:
                 sphere_batched.muon_update(batch, weights[index], orthogonal[index], hyper["lr"], decay_factor(hyper))
         sphere_batched.write_back(batches, weights)
-        for planned, stats in zip(adam_spheres, sum_shared_spheres(adam_spheres, list(summed))):
+        adam_stats = sphere_batched.sum_shared_spheres(adam_spheres, summed[len(spheres):])
+        for planned, stats in zip(adam_spheres, adam_stats):
             retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param],
-                                   self.param_groups[planned.group_index])
+                                  self.param_groups[planned.group_index])
         for planned in others:
             if planned.layout.rule == "adamw":
                 adamw_step(planned, directions[planned], self.param_groups[planned.group_index])
-
-    def _orthogonalize_in_batches(
-        self, matrices: list[PlannedParam], directions: dict[PlannedParam, torch.Tensor]
-    ) -> dict[PlannedParam, torch.Tensor]:
-        """NS5 of every matrix piece; pieces with the same batch id, shape and group go together."""
-        batches: dict[tuple, list[tuple[PlannedParam, int, torch.Tensor]]] = {}
-        for planned in matrices:
-            layout = planned.layout
-            batch_id = ("key", layout.batch_key) if layout.batch_key is not None else ("param", id(planned))
-            sharding = (id(planned.shard_group), layout.partition_dim, planned.ns_mode)
-            for piece_index, piece in enumerate(planned.split_pieces(directions[planned])):
-                key = (batch_id, tuple(piece.shape), *sharding)
-                batches.setdefault(key, []).append((planned, piece_index, piece))
-        orthogonal_pieces: dict[PlannedParam, dict[int, torch.Tensor]] = {p: {} for p in matrices}
-        # Insertion order = parameter order, identical on every rank: collectives line up.
-        for jobs in batches.values():
-            first = jobs[0][0]
-            stacked = torch.stack([piece for _, _, piece in jobs])  # (batch, m_local, n_local)
-            orthogonal = orthogonalize(
-                stacked,
-                group=first.shard_group,
-                partition_dim=first.layout.partition_dim,
-                mode=first.ns_mode,
-                compute_dtype=self.ns_compute_dtype,
-            )
-            for (planned, piece_index, _), matrix in zip(jobs, orthogonal.unbind()):
-                orthogonal_pieces[planned][piece_index] = matrix
-        return {
-            planned: planned.merge_pieces([pieces[i] for i in sorted(pieces)])
-            for planned, pieces in orthogonal_pieces.items()
-        }
-
-    def _sphere_steps(
-        self, spheres: list[PlannedParam], directions: dict[PlannedParam, torch.Tensor]
-    ) -> None:
-        """Step and retract every sphere matrix with one all-reduce of scalars per process group."""
-        by_group: dict[int, tuple[dist.ProcessGroup | None, list[PlannedParam], list[torch.Tensor]]] = {}
-        for planned in spheres:
-            stats = _local_sphere_stats(planned, directions[planned])
-            group = planned.shard_group
-            _, members, stats_list = by_group.setdefault(id(group), (group, [], []))
-            members.append(planned)
-            stats_list.append(stats)
-        # Groups in order of first appearance in the parameter order: the same on every rank.
-        for group, members, stats_list in by_group.values():
-            summed = sum_shared_spheres(members, _sum_over_shards(stats_list, group))
-            for planned, stats in zip(members, summed):
-                hyper = self.param_groups[planned.group_index]
-                retracted_sphere_step(planned, directions[planned], stats, self.state[planned.param], hyper)
+        self._all_gather_layer_wise_params()
+        return loss
 
     def _all_gather_layer_wise_params(self) -> None:
         for dp_group, is_expert in self._layer_wise_groups():
@@ -518,44 +440,6 @@ def _all_gather_owned_params(planned_params: list[PlannedParam], dp_group: dist.
             flat_values = gathered[owner][: sizes[owner]].split([param.numel() for param in params])
             for param, values in zip(params, flat_values):
                 param.copy_(values.view_as(param))
-
-
-def _sum_over_shards(stats_list: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
-    """Sum each (3, num_pieces) partial over the ranks that shard the matrices: one all-reduce."""
-    flat = torch.cat([stats.reshape(-1) for stats in stats_list])
-    if group is not None:
-        # group = the TP / expert-TP group sharding these matrices: the norms are sums over shards.
-        # DP replicas hold identical values (or, layer-wise, the whole matrix): no DP reduction.
-        dist.all_reduce(flat, group=group)
-    chunks = flat.split([stats.numel() for stats in stats_list])
-    return [chunk.view_as(stats) for chunk, stats in zip(chunks, stats_list)]
-
-
-def sum_shared_spheres(members: list[PlannedParam], stats_list: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Members with the same ``layout.sphere_key`` form one sphere: each gets the sum of their (whole-matrix)
-    statistics, over the local members and then over ``layout.sphere_group`` (one all-reduce per group,
-    all keys in one flat buffer). Others keep their own. Each member's stats hold one piece (no fused QKV)."""
-    keyed: dict[tuple, list[int]] = {}
-    for index, planned in enumerate(members):
-        if planned.layout.sphere_key is not None:
-            group = planned.layout.sphere_group
-            keyed.setdefault((id(group), planned.layout.sphere_key), []).append(index)
-    if not keyed:
-        return stats_list
-    out = list(stats_list)
-    by_group: dict[int, tuple] = {}
-    for (group_id, _), indices in keyed.items():  # keys in parameter order: the same on every rank
-        group = members[indices[0]].layout.sphere_group
-        by_group.setdefault(group_id, (group, []))[1].append(indices)
-    for group, index_lists in by_group.values():
-        flat = torch.stack([torch.stack([stats_list[i] for i in indices]).sum(dim=0) for indices in index_lists])
-        if group is not None and dist.get_world_size(group) > 1:
-            # The expert-parallel group: the other members of each sphere (other experts of the layer) live there.
-            dist.all_reduce(flat, group=group)
-        for total, indices in zip(flat.unbind(), index_lists):
-            for i in indices:
-                out[i] = total
-    return out
 
 
 def _local_sphere_stats(planned: PlannedParam, direction: torch.Tensor) -> torch.Tensor:

@@ -1,26 +1,18 @@
-"""The update rules of ``SphereMuon`` on one planned parameter (``optim/layout.py``), as tensor math.
+"""The per-parameter update rules of ``SphereMuon`` (``optim/layout.py``), as tensor math.
 
-The direction (Nesterov momentum for the matrix rules, the Adam direction otherwise) and the step of each
-rule; ``sphere_muon`` and ``sphere_adam`` share :func:`retracted_sphere_step`, whose norms are summed over
-the shards by the optimizer first. ``optim/reference.py`` writes the same rules independently on whole
-matrices (the parity target). No host synchronization: Python-side structure only.
+The Adam direction and the elementwise rules (``adamw``; ``sphere_adam``'s step), and the scalars of the
+sphere step that every sphere rule shares (:func:`sphere_scales`: ``sphere_muon``'s batched step in
+``optim/sphere_batched.py`` and ``sphere_adam``'s :func:`retracted_sphere_step`). The matrix rules'
+momentum, Newton-Schulz and steps are batched across layers in ``optim/sphere_batched.py``.
+``optim/reference.py`` writes the same rules independently on whole matrices (the parity target). No host
+synchronization: Python-side structure only.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hyperp_megatron.optim.layout import PlannedParam
-
-
-def nesterov_momentum(grad: torch.Tensor, state: dict, momentum: float) -> torch.Tensor:
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grad, dtype=torch.float32)
-    buffer = state["momentum_buffer"]
-    buffer.mul_(momentum).add_(grad)
-    return grad + momentum * buffer
 
 
 def adam_direction(grad: torch.Tensor, state: dict, betas: tuple[float, float], eps: float) -> torch.Tensor:
@@ -51,17 +43,20 @@ def adamw_step(planned: PlannedParam, direction: torch.Tensor, hyper: dict) -> N
     param.copy_(param.float() * decay_factor(hyper) - lr * direction)
 
 
-def muon_step(planned: PlannedParam, orthogonal: torch.Tensor, hyper: dict) -> None:
-    """W <- W (1 - eta wd) - eta sqrt(fan_out / fan_in) O, fan sizes of each whole piece."""
-    param, lr = planned.param, hyper["lr"]
-    weight = planned.as_row_groups(param.float()) * decay_factor(hyper)  # a new tensor
-    orthogonal = planned.as_row_groups(orthogonal)
-    start = 0
-    for rows, (full_rows, full_cols) in zip(planned.piece_rows, planned.full_piece_shapes()):
-        piece = slice(start, start + rows)
-        weight[:, piece] -= lr * math.sqrt(full_rows / full_cols) * orthogonal[:, piece]
-        start += rows
-    param.copy_(weight.view_as(param))
+def sphere_scales(radius: torch.Tensor, weight_sq: torch.Tensor, weight_dot_direction: torch.Tensor,
+                  direction_sq: torch.Tensor, lr: float, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sphere step ``W <- R (c W - s D) / ||c W - s D||`` as two factors ``(a, b)``, ``W <- a W - b D``.
+
+    c = the decay factor, s = eta R / ||D|| (a step of norm eta R: eta is an angle). The norm of
+    ``c W - s D`` is expanded from the summed statistics ``||W||^2, <W, D>, ||D||^2`` (one tensor per
+    sphere, any shape), so the retraction needs no second reduction over the shards."""
+    direction_norm = direction_sq.sqrt()
+    # An all-zero direction (zero gradient) gives no step rather than 0 * inf = NaN.
+    step_scale = torch.where(direction_norm > 0, (lr * radius) / direction_norm, 0.0)
+    new_weight_sq = (decay**2) * weight_sq - (2 * decay) * step_scale * weight_dot_direction \
+        + step_scale.square() * direction_sq
+    retraction = radius / new_weight_sq.sqrt()
+    return retraction * decay, retraction * step_scale
 
 
 def retracted_sphere_step(
@@ -74,16 +69,9 @@ def retracted_sphere_step(
     weight_sq, weight_dot_direction, direction_sq = stats.unbind()
     if "radius" not in state:
         state["radius"] = weight_sq.sqrt()  # (num_pieces,): R = ||W_0||, before any decay
-    radius, lr = state["radius"], hyper["lr"]
-    decay = decay_factor(hyper)
-    direction_norm = direction_sq.sqrt()
-    # An all-zero direction (zero gradient) gives no step rather than 0 * inf = NaN.
-    step_scale = torch.where(direction_norm > 0, lr * radius / direction_norm, torch.zeros_like(radius))
-    new_weight_sq = (
-        decay**2 * weight_sq - 2 * decay * step_scale * weight_dot_direction + step_scale**2 * direction_sq
-    )
-    retraction = radius / new_weight_sq.sqrt()
-    weight_scale, direction_scale = planned.row_scale(retraction * decay), planned.row_scale(retraction * step_scale)
+    weight_scale, direction_scale = sphere_scales(state["radius"], weight_sq, weight_dot_direction, direction_sq,
+                                                  hyper["lr"], decay_factor(hyper))
+    weight_scale, direction_scale = planned.row_scale(weight_scale), planned.row_scale(direction_scale)
     if planned.param.dtype == torch.float32 and planned.param.is_contiguous():
         # In place on the fp32 (master) weight: no (m, n) temporaries.
         weight = planned.as_row_groups(planned.param)

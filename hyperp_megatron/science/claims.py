@@ -1,6 +1,6 @@
 """The analysis behind the report: per-sweep optima, the fits across scales, and a verdict per claim.
 
-Claims (HYPERP.md section 7, issue 17) and how each is judged at our scale. ``sd`` is always the fit's own
+Claims (docs/method.md section 7, issue 17) and how each is judged at our scale. ``sd`` is always the fit's own
 uncertainty (seed bootstrap or jackknife, propagated by weighted least squares); thresholds are stated in
 each verdict's ``rule`` and in REPORT.md. The paper's numbers are the constants below, defined once.
 
@@ -33,14 +33,14 @@ from hyperp_megatron.science import fit
 from hyperp_megatron.science.results import Row, completeness, sweep_points
 
 PAPER_TOKEN_EXPONENT = -0.32
-"""The paper's token law: optimal LR ~ T^-0.32 (HYPERP.md section 3; ``hyperp.token_exponent``'s default)."""
+"""The paper's token law: optimal LR ~ T^-0.32 (docs/method.md section 3; ``hyperp.token_exponent``'s default)."""
 PAPER_COMPUTE_MULTIPLIER = 1.58
 """The paper's compute multiplier of HyperP over its Muon baseline."""
 DEPTH_MUP_SLOPE = -0.5
 """The drift of the optimal LR with depth that Depth-muP's factor sqrt(d0/d) removes."""
 PAPER_REGIME = {"base depth d0": 8, "width at d0 (C = 128 d)": 1024, "vocabulary": 32000, "sequence": 4096,
                 "batch tokens B0": 2**21, "tokens at d0 (T0)": 10.4e9}
-"""The reference's regime (HYPERP.md sections 2-3), for the report's comparison with ours."""
+"""The reference's regime (docs/method.md sections 2-3), for the report's comparison with ours."""
 PAPER_OUTPUT_STD = 0.02
 """The reference's output-layer init std (its sphere radius): logit capacity 0.02 C."""
 PAPER = {"transfer": "optimal base LR constant across width and depth (slope 0)",

@@ -3,8 +3,8 @@
 Debian's slurm-wlm 22.05 is built with MULTIPLE_SLURMD, so one host runs slurmctld plus one slurmd per
 emulated node (``n1``, ``n2``, ... each on its own port). Everything lives in a fresh state directory
 under /tmp: its own munge key and munged, a generated slurm.conf, pid/log/spool/TmpFS dirs. The
-daemons are started directly (no systemd) and stopped by their pid files. Measured facts and pitfalls:
-/work/shared/SLURM_LOCAL.md. Needs root (apt install, daemons running as root).
+daemons are started directly (no systemd) and stopped by their pid files. How the tests use it:
+docs/testing.md. Needs root (apt install, daemons running as root).
 
 Use either the context manager or the session fixture::
 
