@@ -14,9 +14,11 @@ Parts (``bench/gpu_check_parts.py``, in order; a failing part is reported and th
 tiny fp32 / bf16 (40 steps, step-1 loss vs the committed CPU reference to 1e-3, TF32 off and fp32
 Newton-Schulz), checkpoint save + resume (bit-exact with ``train.deterministic``; next losses within 1e-4
 without), then issue 13's targets: dense d8 at 16 x 4096 (MFU >= 50%), sphere Muon vs AdamW tokens/s at
-32 x 4096 (>= 0.95), MoE d8 with grouped experts (MFU >= 25%), the sphere step vs ``torch.optim.Muon``
-with bf16 Newton-Schulz (<= 1.1x), Newton-Schulz bf16 vs matmul FLOP/s (>= 0.7), SDPA attention and
-grouped experts (``bench/attention_experts_bench.py``); then the d8 dense shape at seq 2048 with
+32 x 4096 (>= 0.95), MoE d8 with grouped experts (MFU >= 25%); issue 23's levers: activation recomputation
+(none / selective / full on dense d8: peak memory, saved activations and step time as ratios against none,
+losses equal to none's) and asynchronous checkpoint saves (the step loop's stall per save, async vs sync);
+then the sphere step vs ``torch.optim.Muon`` with bf16 Newton-Schulz (<= 1.1x), Newton-Schulz bf16 vs
+matmul FLOP/s (>= 0.7), SDPA attention and grouped experts (``bench/attention_experts_bench.py``); then the d8 dense shape at seq 2048 with
 sphere_muon / muon / adamw (tokens/s, MFU vs the GPU's bf16 peak, peak memory) and the single-process
 unit tests, and issue 24's science micro-study (the science base recipe at C 256 and 512, vocab 32k,
 3 LRs). Trainer runs use the trainer's GPU defaults (TF32 on, bf16 Newton-Schulz) except the tiny parts.

@@ -12,6 +12,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -240,6 +241,171 @@ def moe_d8(check) -> dict:
     return {**numbers, "metrics": metrics, "failures": failures}
 
 
+# ---------------------------------------------------------------------- recomputation and asynchronous saves
+
+RECOMPUTE_MODES = {"none": {"recompute": "none"}, "selective": {"recompute": "selective"},
+                   "full": {"recompute": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+
+
+class SavedActivations:
+    """Peak bytes of the tensors autograd keeps for the backward pass (``saved_tensors_hooks``), parameters left
+    out and each storage counted once: the activation memory that recomputation trades for compute, measured the
+    same way on any device (on a GPU the part also reads the allocator's peak)."""
+
+    def __init__(self):
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [saved references, bytes]
+        self.current = self.peak = 0
+
+    def pack(self, tensor):
+        base = tensor if tensor._base is None else tensor._base  # a linear saves its weight as a transposed view
+        if base.is_leaf and base.requires_grad:  # a parameter (or a recomputed chunk's detached input): not counted
+            return tensor
+        storage = tensor.untyped_storage()
+        entry = self.live.setdefault(storage.data_ptr(), [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        return _Saved(self, storage.data_ptr(), tensor)
+
+    @staticmethod
+    def unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self.live[key]
+
+
+class _Saved:
+    """One saved tensor; autograd drops it when the backward no longer needs it."""
+
+    __slots__ = ("owner", "key", "tensor")
+
+    def __init__(self, owner: SavedActivations, key: int, tensor):
+        self.owner, self.key, self.tensor = owner, key, tensor
+
+    def __del__(self):
+        self.owner.release(self.key)
+
+
+def recompute(check) -> dict:
+    """Dense d8 (sphere Muon, bf16, 8 x 2048 tokens per step; the trainer's default attention, so 'selective'
+    frees little: only Megatron's unfused attention keeps scores) under ``model.recompute`` none / selective /
+    full (uniform, 1 layer): peak memory, saved activations and median step time as ratios against 'none'; the
+    losses must equal 'none''s (bit for bit on the CPU; on a GPU within RESUME_RTOL, reduction orders vary)."""
+    numbers, failures, runs = {"smoke": check.smoke}, [], {}
+    for mode, model in RECOMPUTE_MODES.items():
+        overrides = _d8_overrides(check, f"recompute_{mode}", "sphere_muon", moe=False,
+                                  sequences=8, steps=None if check.smoke else 8)
+        overrides["model"].update(model)
+        if check.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(check.device)
+        saved = SavedActivations()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            run = check.train("configs/hyperp/dense_d8.yaml", overrides)
+        records = run["steps"][2:] if len(run["steps"]) > 3 else run["steps"]  # after warm-up
+        derived = json.loads((Path(run["config"].logging.run_dir) / "derived.json").read_text())
+        runs[mode] = {"losses": run["losses"], "saved_gib": saved.peak / 2**30,
+                      "step_ms": 1e3 * statistics.median(r["step_time"] for r in records),
+                      "estimated_activations_gib": derived["memory_gib"]["activations"]}
+        if check.device.type == "cuda":
+            runs[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(check.device) / 2**30
+    metrics = {}
+    for mode, run in runs.items():
+        numbers.update({f"{mode}_{key}": value for key, value in run.items() if key != "losses"})
+        for key in ("saved_gib", "step_ms", "peak_mem_gib", "estimated_activations_gib"):
+            if key in run and mode != "none":
+                ratio = run[key] / runs["none"][key]
+                numbers[f"{mode}_{key}_vs_none"] = metrics[f"recompute_{mode}_{key}_vs_none"] = ratio
+        reference = runs["none"]["losses"]
+        worst = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
+        numbers[f"{mode}_loss_max_rel_diff"] = worst
+        equal = run["losses"] == reference if check.device.type == "cpu" else worst <= RESUME_RTOL
+        if len(run["losses"]) != len(reference) or not equal:
+            failures.append(f"{mode}: losses differ from 'none' (max rel diff {worst:.2e})")
+    if not runs["full"]["saved_gib"] < runs["none"]["saved_gib"]:
+        failures.append(f"full recompute kept {runs['full']['saved_gib']:.3g} GiB of activations, not less than "
+                        f"none's {runs['none']['saved_gib']:.3g}")
+    return {**numbers, "metrics": metrics, "failures": failures}
+
+
+def async_save(check) -> dict:
+    """The step loop's stall for a checkpoint: a synchronous save (``checkpoint.save``) vs an asynchronous one
+    (``checkpoint.AsyncSaver``: the loop is blocked while the save starts, in each step's poll, which also
+    publishes (manifest checksums, rename) once the writer has finished, and in any wait for the previous save).
+    Dense d8, sphere Muon with the distributed optimizer, bf16; the trainer's own session and step function, a
+    save every ``interval`` steps. Every checkpoint must verify; ratio = async stall / sync stall per save."""
+    from megatron.core import parallel_state
+
+    from hyperp_megatron import checkpoint as ckpt
+    from hyperp_megatron import train as trainer
+    from hyperp_megatron.config import load_config, validate
+
+    interval, saves = (2, 2) if check.smoke else (5, 3)
+    overrides = _d8_overrides(check, "async_save", "sphere_muon", moe=False, sequences=8)
+    cfg = load_config(REPO / "configs/hyperp/dense_d8.yaml", overrides)
+    validate(cfg, 1)
+    s = trainer.setup(cfg, 1, 0, check.device)
+    numbers, failures = {"smoke": check.smoke, "interval": interval, "saves": saves}, []
+    try:
+        data = trainer._train_iterator(s, 0)
+        s.runner.train_step(data)  # warm-up, and the optimizer state exists before the first save
+        # One untimed save of each kind: the writer's helper processes start once per process (the first save).
+        warm_up = Path(cfg.logging.run_dir) / "checkpoints_warm_up"
+        ckpt.save(warm_up, ckpt.TrainState(step=1), s.model_chunks, s.optimizer, {}, keep=1, log=lambda line: None)
+        saver = ckpt.AsyncSaver(log=lambda line: None)
+        saver.save(warm_up, ckpt.TrainState(step=2), s.model_chunks, s.optimizer, {}, keep=1)
+        saver.close()
+        for mode in ("sync", "async"):
+            root = Path(cfg.logging.run_dir) / f"checkpoints_{mode}"
+            saver = ckpt.AsyncSaver(log=lambda line: None) if mode == "async" else None
+            stall, step_times = 0.0, []
+            for step in range(1, interval * saves + 1):
+                check.synchronize()
+                started = time.perf_counter()
+                if saver is not None:
+                    saver.poll()
+                stall += time.perf_counter() - started
+                started = time.perf_counter()
+                s.runner.train_step(data)
+                check.synchronize()
+                step_times.append(time.perf_counter() - started)
+                if step % interval == 0:
+                    started = time.perf_counter()
+                    state = ckpt.TrainState(step=step)
+                    if saver is None:
+                        ckpt.save(root, state, s.model_chunks, s.optimizer, {}, keep=0, log=lambda line: None)
+                    else:
+                        saver.save(root, state, s.model_chunks, s.optimizer, {}, keep=0)
+                    check.synchronize()
+                    stall += time.perf_counter() - started
+            started = time.perf_counter()
+            if saver is not None:
+                saver.close()  # the end of training waits for the last save
+            numbers[f"{mode}_end_wait_s"] = time.perf_counter() - started
+            numbers[f"{mode}_stall_per_save_s"] = stall / saves
+            numbers[f"{mode}_median_step_s"] = statistics.median(step_times)
+            complete = ckpt.complete_checkpoints(root)
+            problems = [f"{p.name}: {ckpt.verify(p)}" for p in complete if ckpt.verify(p) is not None]
+            if len(complete) != saves or problems or (root / ckpt.LATEST).read_text().strip() != complete[0].name:
+                failures.append(f"{mode}: {len(complete)} of {saves} checkpoints complete {problems}")
+            numbers[f"{mode}_checkpoint_mib"] = sum(f.stat().st_size for f in complete[0].rglob("*")) / 2**20
+    finally:
+        s.logger.close()
+        parallel_state.destroy_model_parallel()
+    ratio = numbers["async_stall_per_save_s"] / numbers["sync_stall_per_save_s"]
+    numbers["async_over_sync_stall"] = ratio
+    if not math.isfinite(ratio):
+        failures.append(f"stall ratio {ratio}")
+    return {**numbers, "failures": failures,
+            "metrics": {"async_over_sync_stall": ratio, "sync_save_stall_s": numbers["sync_stall_per_save_s"]}}
+
+
 # ---------------------------------------------------------------------- optimizer and Newton-Schulz alone
 
 
@@ -387,7 +553,7 @@ def science_micro(check) -> dict:
 
 
 PARTS = {fn.__name__: fn for fn in (tiny_fp32, tiny_bf16, checkpoint_resume, dense_d8_seq4096, sphere_vs_adamw,
-                                     moe_d8, optimizer_step, newton_schulz, attention_experts, dense_d8_sphere_muon,
+                                     moe_d8, recompute, async_save, optimizer_step, newton_schulz, attention_experts, dense_d8_sphere_muon,
                                      dense_d8_muon, dense_d8_adamw, unit_tests, science_micro)}
 """Run in this order; the first ones matter most when the time budget runs out (the issue-13 targets come
 before the seq-2048 comparisons with docs/gpu.md section 6)."""

@@ -494,12 +494,24 @@ def _attempt(write) -> BaseException | None:
     return None
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes, and what torch's ``CheckpointException`` holds per rank (the writers' own errors,
+    e.g. a full disk in a background writer process) with their causes, outermost first."""
+    found, pending = [], [exc]
+    while pending:
+        seen = pending.pop(0)
+        while seen is not None and seen not in found:
+            found.append(seen)
+            pending += [wrapped for wrapped, _ in getattr(seen, "failures", {}).values()]
+            seen = seen.__cause__ or seen.__context__
+    return found
+
+
 def _is_disk_full(exc: BaseException, path: Path) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        seen = seen.__cause__ or seen.__context__
+    # Megatron's background writer reports its OSError as text only (RuntimeError "Worker failure: [Errno 28] ...").
+    if any((isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or f"[Errno {errno.ENOSPC}]" in str(seen)
+           for seen in _causes(exc)):
+        return True
     try:
         return shutil.disk_usage(path).free < DISK_FULL_BYTES
     except OSError:
@@ -521,6 +533,8 @@ def _raise_if_any_failed(failure: BaseException | None, root: Path, tmp: Path, s
     if disk_full:
         raise CheckpointError(f"no space left on {root}: checkpoint step {step} not written (removed {tmp.name}); "
                               f"{kept}; free space and relaunch to resume")
+    if failure is not None:
+        failure = _causes(failure)[-1]  # the writer's own error, not torch's per-rank wrapper
     cause = str(failure).splitlines()[0] if failure is not None and str(failure) else type(failure).__name__
     where = f"{type(failure).__name__}: {cause}" if failure is not None else "on another rank"
     raise CheckpointError(f"writing checkpoint step {step} into {tmp} failed ({where}); removed it; {kept}")

@@ -182,3 +182,33 @@ def test_an_existing_step_directory_is_set_aside_not_overwritten(tmp_path, tiny_
     assert ckpt.verify(root / "step_000005") is None and "kept as step_000005.kept-1" in messages[0]
     ckpt.save(root, ckpt.TrainState(step=6), [tiny_model], None, {}, keep=1)  # pruning leaves it alone
     assert kept.is_dir() and not (root / "step_000005").exists()
+
+
+def test_a_failing_background_writer_is_reported_and_the_tmp_removed(tmp_path, tiny_model, monkeypatch):
+    """``checkpoint.async_save``: the writer process (forked, after the loop went on) hits a full disk. The error
+    reaches the loop at the next wait/poll as the one-line full-disk message (the errno is found inside torch's
+    per-rank ``CheckpointException``), the ``.tmp`` is removed and the previous checkpoint stays ``latest``; the
+    saver can save again afterwards."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    root = tmp_path / "checkpoints"
+    first = ckpt.save(root, ckpt.TrainState(step=1), [tiny_model], None, {}, keep=2)
+    original = filesystem_async._write_item
+
+    def full_disk(*args, **kwargs):  # in the forked writer, while it writes a tensor
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(filesystem_async, "_write_item", full_disk)
+    saver = ckpt.AsyncSaver()
+    saver.save(root, ckpt.TrainState(step=2), [tiny_model], None, {}, keep=2)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        saver.wait()
+    message = str(error.value)
+    assert message.startswith(f"no space left on {root}: checkpoint step 2 not written") and "\n" not in message
+    assert "previous checkpoint step_000001 is intact" in message
+    assert not (root / "step_000002.tmp").exists() and not (root / "step_000002").exists()
+    assert (root / ckpt.LATEST).read_text() == "step_000001" and ckpt.verify(first) is None
+    monkeypatch.setattr(filesystem_async, "_write_item", original)
+    saver.save(root, ckpt.TrainState(step=3), [tiny_model], None, {}, keep=2)
+    saver.close()
+    assert (root / ckpt.LATEST).read_text() == "step_000003" and ckpt.verify(root / "step_000003") is None

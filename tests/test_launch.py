@@ -163,6 +163,76 @@ def test_slurm_multinode_runs_each_node_in_the_apptainer_image(slurm_cluster: Sl
     assert calls == [f"exec --nv --bind {REPO} --pwd {REPO} {image} bash -c "] * 2, calls
 
 
+def test_slurm_per_task_runs_each_task_in_the_apptainer_image(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """APPTAINER_IMAGE wraps each task's Python in `apptainer exec --nv --bind REPO_DIR,... --pwd REPO_DIR IMAGE`."""
+    bin_dir, image, log = tmp_path / "bin", "/images/pytorch.sif", tmp_path / "apptainer.log"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(f'#!/bin/bash\necho "$*" >> {log}\n'
+                                       f'while [[ "$1" != {image} ]]; do shift; done\nshift\nexec "$@"\n')
+    (bin_dir / "apptainer").chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {"APPTAINER_IMAGE": image, "APPTAINER_BINDS": "/data", "PATH": f"{bin_dir}{os.pathsep}{STAND_IN_ENV['PATH']}"}
+    job_id, _ = submit(slurm_cluster, ["launch/slurm_per_task.sbatch", "--logging.run_dir", str(run_dir)],
+                       tmp_path, env=env)
+    info = wait_finished(slurm_cluster, job_id, tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_logs(tmp_path)
+    assert_world(read_results(run_dir, 2), 2, "slurm")
+    assert log.read_text().splitlines() == [f"exec --nv --bind {REPO},/data --pwd {REPO} {image} {sys.executable} "
+                                            f"{STAND_IN} --config configs/tiny.yaml --logging.run_dir {run_dir}"] * 2
+
+
+@pytest.mark.parametrize("script", ["launch/slurm_per_task.sbatch", "launch/slurm_multinode.sbatch"])
+def test_slurm_scripts_pass_the_pyxis_container_options(slurm_cluster: SlurmCluster, tmp_path: Path, script: str):
+    """CONTAINER_IMAGE adds pyxis's srun options (image, the checkout mounted at the same path as the working
+    directory, CONTAINER_MOUNTS). No pyxis here: a stand-in srun on PATH records them and runs the step without."""
+    import shutil
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "srun_container_args.log"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nargs=()\nfor arg in \"$@\"; do\n"
+        f"  if [[ \"$arg\" == --container-* ]]; then echo \"$arg\" >> {log}; else args+=(\"$arg\"); fi\n"
+        f"done\nexec {shutil.which('srun')} \"${{args[@]}}\"\n")
+    (bin_dir / "srun").chmod(0o755)
+    run_dir, image = tmp_path / "run", "/images/pytorch.sqsh"
+    env = {"CONTAINER_IMAGE": image, "CONTAINER_MOUNTS": "/data:/data", "HOST_PYTHON": sys.executable,
+           "PATH": f"{bin_dir}{os.pathsep}{STAND_IN_ENV['PATH']}"}
+    job_id, _ = submit(slurm_cluster, [script, "--logging.run_dir", str(run_dir)], tmp_path, env=env)
+    info = wait_finished(slurm_cluster, job_id, tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_logs(tmp_path)
+    assert len(read_results(run_dir, 2)) == 2
+    assert log.read_text().splitlines() == [f"--container-image={image}", f"--container-workdir={REPO}",
+                                            f"--container-mounts={REPO}:{REPO},/data:/data"]
+
+
+@pytest.mark.tier("unit")
+@pytest.mark.parametrize("container", ["none", "pyxis", "apptainer"])
+def test_sweep_array_finds_the_environment(tmp_path: Path, container: str):
+    """launch/sweep_array.sbatch runs `$PYTHON -m hyperp_megatron.science sweep run-one --index TASK ...`, inside
+    the container when CONTAINER_IMAGE (srun --container-*) or APPTAINER_IMAGE is set (stand-ins log the call)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for name in ("python-stand-in", "srun", "apptainer"):
+        (bin_dir / name).write_text(f'#!/bin/bash\necho "{name} $*" >> {log}\n')
+        (bin_dir / name).chmod(0o755)
+    python = bin_dir / "python-stand-in"
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "5", "PYTHON": str(python), "REPO_DIR": str(REPO),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("VENV", None)
+    if container == "pyxis":
+        env.update(CONTAINER_IMAGE="/images/p.sqsh", CONTAINER_MOUNTS="/shared:/shared")
+    elif container == "apptainer":
+        env.update(APPTAINER_IMAGE="/images/p.sif", APPTAINER_BINDS="/shared")
+    subprocess.run(["bash", "launch/sweep_array.sbatch", "--spec", "s.yaml", "--results", "r"], cwd=REPO, env=env,
+                   check=True, timeout=60, capture_output=True)
+    command = f"{python} -m hyperp_megatron.science sweep run-one --index 5 --spec s.yaml --results r"
+    expected = {"none": f"python-stand-in {command.split(' ', 1)[1]}",
+                "pyxis": f"srun --ntasks=1 --container-image=/images/p.sqsh --container-workdir={REPO} "
+                         f"--container-mounts={REPO}:{REPO},/shared:/shared {command}",
+                "apptainer": f"apptainer exec --nv --bind {REPO},/shared --pwd {REPO} /images/p.sif {command}"}
+    assert log.read_text().splitlines() == [expected[container]]
+
+
 def test_slurm_multinode_one_process_per_allocated_gpu(slurm_gpu_cluster: SlurmCluster, tmp_path: Path):
     run_dir = tmp_path / "run"
     job_id, _ = submit(slurm_gpu_cluster, ["launch/slurm_multinode.sbatch", "--logging.run_dir", str(run_dir)],

@@ -196,9 +196,16 @@ def job_env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def launch_torchrun(config: Path, *overrides: str, nproc: int = 2, mutation: str | None = None) -> subprocess.Popen:
-    """The trainer under torchrun; with ``mutation``, through ``tests/mutants.py`` with that mutation."""
-    entry = ["-m", "hyperp_megatron.train"] if mutation is None else ["-m", "tests.mutants", mutation]
+def launch_torchrun(config: Path, *overrides: str, nproc: int = 2, mutation: str | None = None,
+                    hook: str | None = None) -> subprocess.Popen:
+    """The trainer under torchrun; with ``mutation``, through ``tests/mutants.py`` with that mutation; with
+    ``hook`` (``NAME[:ARG]``), through ``tests/hooks.py`` with that timing hook."""
+    assert mutation is None or hook is None
+    entry = ["-m", "hyperp_megatron.train"]
+    if mutation is not None:
+        entry = ["-m", "tests.mutants", mutation]
+    elif hook is not None:
+        entry = ["-m", "tests.hooks", hook]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            *entry, "--config", str(config), *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -235,7 +242,7 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
             cmdline = " ".join(child.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if "hyperp_megatron.train" in cmdline or "tests.mutants" in cmdline:
+        if any(entry in cmdline for entry in ("hyperp_megatron.train", "tests.mutants", "tests.hooks")):
             pids.append(child.pid)
     return pids
 
