@@ -167,11 +167,32 @@ def phantom_experts_routable():
     return mock.patch.object(router.SqrtGateRouter, "routing", _routing_with_phantoms)
 
 
+def sequential_experts_save_empty_extra_state():
+    """``SequentialExperts`` keeps SequentialMLP's empty ``_extra_state`` objects in its sharded state dict (the
+    code before the fix): it saves checkpoints as before and asks a grouped-experts checkpoint for them."""
+    from hyperp_megatron.model import experts
+
+    return mock.patch.object(experts, "_carries_nothing", lambda value: False)
+
+
+def experts_checkpoint_permuted():
+    """The routed experts' checkpoint offsets are reversed (global expert ``e`` <-> ``E - 1 - e``): a load
+    puts each expert's weights in another expert's place."""
+    from hyperp_megatron.model import experts
+
+    original = experts._expert_offsets
+
+    def reversed_offsets(prefix, sharded_offsets, expert, num_real, singleton):
+        return original(prefix, sharded_offsets, num_real - 1 - expert, num_real, singleton)
+
+    return mock.patch.object(experts, "_expert_offsets", reversed_offsets)
+
+
 MUTATIONS = {fn.__name__: fn for fn in (
     resume_restarts_from_step_0, sphere_radius_per_shard, newton_schulz_per_shard, moe_load_statistics_local,
     sequence_parallel_norm_grads_not_reduced, reshard_without_optimizer_state, monitor_reductions_skipped,
     dp_grad_sync_skips_embedding_and_output,
-    phantom_experts_routable,
+    phantom_experts_routable, sequential_experts_save_empty_extra_state, experts_checkpoint_permuted,
 )}
 
 

@@ -12,6 +12,8 @@ asserts its check fails on it (and passes the real code).
 | resharding loads the optimizer state | reshard_without_optimizer_state | test_trunk_parallel.py, test_sphere_trainer.py |
 | the monitors' TP / EP / DP reductions | monitor_reductions_skipped | test_monitors.py |
 | phantom experts are never routed | phantom_experts_routable | test_expert_padding.py |
+| checkpoints load across expert kinds | sequential_experts_save_empty_extra_state | test_experts_checkpoint.py |
+| a resume across expert kinds puts each expert in place | experts_checkpoint_permuted | test_experts_checkpoint.py |
 
 Other controls live beside their features without a mutation: blockwise Newton-Schulz on raw shards,
 standard parameterization (coordinate check, softmax scale), plain gates (MoE RMS).

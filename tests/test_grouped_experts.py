@@ -5,7 +5,9 @@
   including an expert that gets no token and a single local expert;
 - the HyperP MoE layer with ``model.moe.grouped_gemm: true`` equals the SequentialMLP layer (same
   layout-invariant init: the grouped weights are SequentialMLP's experts);
-- its checkpoint layout is SequentialMLP's (sharded keys, offsets, replica ids, SwiGLU factories);
+- its checkpoint layout is SequentialMLP's (sharded keys, offsets, replica ids, SwiGLU factories), and
+  SequentialExperts requests the same keys (no empty ``_extra_state``; resumes across the two:
+  ``tests/test_experts_checkpoint.py``);
 - ``model.moe.grouped_gemm`` resolution, the CUDA kernel choice, refusals;
 - one sphere per expert under sphere Muon (each ``weight{i}`` keeps its own radius, which its norm keeps).
 EP=2 and TP=2 x EP=2 training with these experts: ``tests/test_moe.py``.
@@ -134,6 +136,36 @@ def test_checkpoint_layout_is_sequential_mlps(pg_collection):
         mine = ours[local_name(key)]
         assert signature(mine) == signature(value), key
         assert torch.equal(mine.data, value.data)
+
+
+def test_sequential_experts_save_what_the_grouped_experts_save(pg_collection):
+    """SequentialExperts leaves out SequentialMLP's empty ``_extra_state`` objects, which the grouped experts do
+    not have: the two request the same sharded keys (a load in either direction finds all of them), and the
+    linears' load fills the left-out state with None."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    from hyperp_megatron.model.experts import SequentialExperts
+
+    grouped, plain = _pair(pg_collection, 3)
+    spec = get_moe_module_spec(use_te=False, num_experts=3, moe_grouped_gemm=False).submodules.experts
+    sequential = SequentialExperts(3, plain.config, spec.submodules, pg_collection)
+    offsets = ((0, 0, 1),)
+
+    def ident(value):  # sharded key and offsets of a tensor (of a factory's parts), unique key of an object
+        if isinstance(value, ShardedObject):
+            return value.unique_key
+        if isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            return tuple(ident(part) for part in (built.values() if isinstance(built, dict) else built))
+        return value.key, value.global_offset
+
+    keys = [{ident(value) for value in module.sharded_state_dict("e.", offsets).values()}
+            for module in (grouped, sequential, plain)]
+    assert keys[0] == keys[1] and len(keys[0]) == 6
+    assert len(keys[2] - keys[1]) == 6 and all("_extra_state" in key for key in keys[2] - keys[1])
+    state = {k: v for k, v in sequential.state_dict().items() if not k.endswith("_extra_state")}
+    sequential.load_state_dict(state)  # strict: the left-out _extra_state entries are filled in
 
 
 def test_moe_layer_with_grouped_experts_matches_sequential(pg_collection):

@@ -9,7 +9,9 @@ Each expert keeps its own parameters, ``linear_fc1.weight{i}`` ``[2 ffn/etp, C]`
 rows, ``[gate_r; up_r]`` on expert-TP rank ``r`` as in Megatron's MLP) and ``linear_fc2.weight{i}``
 ``[C, ffn/etp]``: TEGroupedMLP's naming, so the optimizer roles (``optim/param_groups.py``: one sphere per
 expert) and the layout-invariant init (``model/init.py``) treat them as SequentialMLP's
-``local_experts.{i}.linear_fc{1,2}.weight``, and the checkpoint keys are SequentialMLP's (interchangeable).
+``local_experts.{i}.linear_fc{1,2}.weight``, and the checkpoint keys are SequentialMLP's: a checkpoint saved
+with either loads into the other (:class:`SequentialExperts` leaves out SequentialMLP's empty ``_extra_state``
+objects, which this module has no counterpart for).
 The kernel path stacks the ``n`` local weights into one ``[n, in, out]`` operand per forward (a copy of
 the local expert weights; its backward splits the gradient back per expert).
 
@@ -31,6 +33,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -149,10 +152,20 @@ def _expert_offsets(prefix: str, sharded_offsets: tuple, expert: int, num_real: 
     return f"{prefix}experts.", (*sharded_offsets, (len(sharded_offsets), expert, num_real))
 
 
+def _carries_nothing(value) -> bool:
+    """An ``_extra_state`` sharded object whose state is None: what Megatron's local linear layers save
+    (``get_extra_state`` returns None; their load-state-dict pre-hook sets it back to None when absent)."""
+    return isinstance(value, ShardedObject) and value.key.endswith("._extra_state") and value.data is None
+
+
 class SequentialExperts(SequentialMLP):
     """Megatron's ``SequentialMLP`` (one MLP per local expert) that knows the phantom experts: they are zero,
-    frozen and left out of :meth:`sharded_state_dict`, whose expert axis has the real count. Without phantoms
-    its checkpoint is ``SequentialMLP``'s."""
+    frozen and left out of :meth:`sharded_state_dict`, whose expert axis has the real count.
+
+    Its checkpoint is ``SequentialMLP``'s without the experts' empty ``_extra_state`` objects (their state is
+    None with Megatron's local linears), so it is :class:`TorchGroupedMLP`'s: checkpoints move between the
+    two in both directions. ``SequentialMLP`` checkpoints that hold those objects still load (they are not
+    read; the linears' load fills in None)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, num_real_experts=None):
         super().__init__(num_local_experts, config, submodules, pg_collection)
@@ -173,7 +186,8 @@ class SequentialExperts(SequentialMLP):
             state_prefix = f"{prefix}local_experts.{i}."
             key_prefix, offsets = _expert_offsets(prefix, sharded_offsets, first + i, self.num_real_experts,
                                                   singleton)
-            state = expert.sharded_state_dict(state_prefix, offsets, metadata)
+            state = {key: value for key, value in expert.sharded_state_dict(state_prefix, offsets, metadata).items()
+                     if not _carries_nothing(value)}
             replace_prefix_for_sharding(state, state_prefix, key_prefix)
             for tensor in state.values():  # replicated over expert-DP
                 tensor.replica_id = (*tensor.replica_id[:2], self.dp_group.rank())
@@ -260,8 +274,9 @@ class TorchGroupedMLP(MegatronModule):
         """Nothing deferred: weight gradients are computed in the ordinary backward."""
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """SequentialMLP's checkpoint layout (the same sharded keys, offsets and replica ids), so checkpoints
-        move between the two implementations; state-dict keys are this module's ``linear_fc{1,2}.weight{i}``.
+        """SequentialMLP's checkpoint layout (the same sharded keys, offsets and replica ids) without its empty
+        ``_extra_state`` objects, i.e. :class:`SequentialExperts`' layout, so checkpoints move between the two
+        implementations; state-dict keys are this module's ``linear_fc{1,2}.weight{i}``.
         Phantom experts are left out (the expert axis has the real count)."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton_local_shards = metadata.get("singleton_local_shards", False)
