@@ -103,10 +103,8 @@ def _resumed_reference(uninterrupted: dict) -> dict:
     return {"losses": uninterrupted["losses"][SAVE_AT:], "weights": uninterrupted["weights"]}
 
 
-@pytest.mark.parametrize("resumed, saved", [("sequential_from_grouped", "grouped"),
-                                            ("grouped_from_sequential_old", "sequential_old"),
-                                            ("sequential_from_sequential_old", "sequential_old")])
-def test_resume_across_expert_kinds_continues_the_run(runs, measured, resumed, saved):
+def check_resumed(runs: dict, measured, resumed: str, saved: str) -> None:
+    """``runs[resumed]`` (loaded from ``runs[saved]``'s step-SAVE_AT checkpoint) continues ``runs[saved]``."""
     run = runs[resumed]
     assert len(run["losses"]) == len(runs[saved]["losses"]) - SAVE_AT == 2
     errors = parity(run, _resumed_reference(runs[saved]), "sphere_muon")
@@ -115,15 +113,17 @@ def test_resume_across_expert_kinds_continues_the_run(runs, measured, resumed, s
     assert errors["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, errors
 
 
+@pytest.mark.parametrize("resumed, saved", [("sequential_from_grouped", "grouped"),
+                                            ("grouped_from_sequential_old", "sequential_old"),
+                                            ("sequential_from_sequential_old", "sequential_old")])
+def test_resume_across_expert_kinds_continues_the_run(runs, measured, resumed, saved):
+    check_resumed(runs, measured, resumed, saved)
+
+
 @pytest.mark.parametrize("resumed, saved", [("ep2_sequential_from_grouped", "ep2_grouped"),
                                             ("ep2_grouped_from_sequential", "ep2_sequential")])
 def test_resume_across_expert_kinds_at_ep2(ep2_runs, measured, resumed, saved):
-    run = ep2_runs[resumed]
-    assert len(run["losses"]) == len(ep2_runs[saved]["losses"]) - SAVE_AT == 2
-    errors = parity(run, _resumed_reference(ep2_runs[saved]), "sphere_muon")
-    measured("parity/experts_checkpoint", resumed, errors)
-    assert errors["loss_rel"] <= LOSS_RTOL, errors
-    assert errors["final"]["matrix_max_rel"] <= FINAL_MATRIX_RTOL, errors
+    check_resumed(ep2_runs, measured, resumed, saved)
 
 
 def test_uninterrupted_runs_of_both_kinds_agree(runs, measured):

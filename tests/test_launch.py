@@ -143,14 +143,22 @@ def test_slurm_multinode_torchrun_two_nodes(slurm_cluster: SlurmCluster, tmp_pat
     assert sorted(r["node"] for r in results) == ["n1", "n2"]  # c10d: node order = rendezvous order
 
 
-def test_slurm_multinode_runs_each_node_in_the_apptainer_image(slurm_cluster: SlurmCluster, tmp_path: Path):
-    """APPTAINER_IMAGE wraps each node's torchrun in `apptainer exec --nv --bind REPO_DIR --pwd REPO_DIR IMAGE`
-    (a stand-in apptainer on PATH logs its arguments and runs the command)."""
-    bin_dir, image, log = tmp_path / "bin", "/images/pytorch.sif", tmp_path / "apptainer.log"
+def stand_in_apptainer(tmp_path: Path, image: str) -> tuple[Path, Path]:
+    """A stand-in ``apptainer`` in ``tmp_path/bin`` that logs its arguments to ``tmp_path/apptainer.log`` and runs
+    the command after ``image``."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "apptainer.log"
     bin_dir.mkdir()
     (bin_dir / "apptainer").write_text(f'#!/bin/bash\necho "$*" >> {log}\n'
                                        f'while [[ "$1" != {image} ]]; do shift; done\nshift\nexec "$@"\n')
     (bin_dir / "apptainer").chmod(0o755)
+    return bin_dir, log
+
+
+def test_slurm_multinode_runs_each_node_in_the_apptainer_image(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """APPTAINER_IMAGE wraps each node's torchrun in `apptainer exec --nv --bind REPO_DIR --pwd REPO_DIR IMAGE`
+    (a stand-in apptainer on PATH logs its arguments and runs the command)."""
+    image = "/images/pytorch.sif"
+    bin_dir, log = stand_in_apptainer(tmp_path, image)
     run_dir = tmp_path / "run"
     env = {"APPTAINER_IMAGE": image, "HOST_PYTHON": sys.executable,
            "PATH": f"{bin_dir}{os.pathsep}{STAND_IN_ENV['PATH']}"}
@@ -165,11 +173,8 @@ def test_slurm_multinode_runs_each_node_in_the_apptainer_image(slurm_cluster: Sl
 
 def test_slurm_per_task_runs_each_task_in_the_apptainer_image(slurm_cluster: SlurmCluster, tmp_path: Path):
     """APPTAINER_IMAGE wraps each task's Python in `apptainer exec --nv --bind REPO_DIR,... --pwd REPO_DIR IMAGE`."""
-    bin_dir, image, log = tmp_path / "bin", "/images/pytorch.sif", tmp_path / "apptainer.log"
-    bin_dir.mkdir()
-    (bin_dir / "apptainer").write_text(f'#!/bin/bash\necho "$*" >> {log}\n'
-                                       f'while [[ "$1" != {image} ]]; do shift; done\nshift\nexec "$@"\n')
-    (bin_dir / "apptainer").chmod(0o755)
+    image = "/images/pytorch.sif"
+    bin_dir, log = stand_in_apptainer(tmp_path, image)
     run_dir = tmp_path / "run"
     env = {"APPTAINER_IMAGE": image, "APPTAINER_BINDS": "/data", "PATH": f"{bin_dir}{os.pathsep}{STAND_IN_ENV['PATH']}"}
     job_id, _ = submit(slurm_cluster, ["launch/slurm_per_task.sbatch", "--logging.run_dir", str(run_dir)],
